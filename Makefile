@@ -1,0 +1,54 @@
+# vglaw: every target installs what it needs on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+DATASET ?= refcoco
+GPUS ?= 1
+NODES ?= 1
+ARGS ?=
+CKPT ?=
+DATA_ROOT ?= data
+SHAPES ?= data/shapes
+OUT ?= outputs/demo
+
+.PHONY: setup test test-all lint demo train eval bench bench-quick clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "" 
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check vglaw tests
+
+demo: $(STAMP)
+	$(PY) -m vglaw.demo --data $(SHAPES) --out $(OUT)
+
+train: $(STAMP)
+	$(VENV)/bin/vglaw fit --config configs/$(DATASET).yaml --trainer.devices $(GPUS) --trainer.num_nodes $(NODES) $(ARGS)
+
+eval: $(STAMP)
+	@test -n "$(CKPT)" || { echo "usage: make eval DATASET=<name> CKPT=path/to.ckpt"; exit 2; }
+	$(VENV)/bin/vglaw test --config configs/$(DATASET).yaml --ckpt_path $(CKPT) --trainer.devices $(GPUS) $(ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/vglaw bench $(ARGS)
+
+bench-quick: $(STAMP)
+	$(VENV)/bin/vglaw bench --quick $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs lightning_logs

@@ -1,0 +1,146 @@
+"""Pretrained visual weights: each source format, written here in that format, loads strictly."""
+import pickle
+
+import pytest
+import torch
+
+from vglaw.models.checkpoint import load_visual_weights
+from vglaw.models.geometry import resize_abs_pos, resize_rel_pos
+from vglaw.models.vitdet import ViTDet
+from vglaw.safe_pickle import UnsafePickleError, plain_load
+
+KW = dict(embed_dim=32, depth=2, num_heads=2, window_size=2, window_block_indexes=(0,), drop_path_rate=0.0)
+
+
+def source_backbone(img_size):
+    """A backbone at the checkpoint's own resolution, with every table non-trivial."""
+    torch.manual_seed(1)
+    m = ViTDet(img_size=img_size, **KW)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+    return m
+
+
+def target_backbone():
+    torch.manual_seed(2)
+    return ViTDet(img_size=64, **KW)  # 4x4 grid; global table of length 7
+
+
+def check_loaded(target, source_sd, skip=()):
+    for k, v in target.state_dict().items():
+        if k == "pos_embed" or "rel_pos" in k or k in skip:
+            continue
+        torch.testing.assert_close(v, source_sd[k], msg=k)
+
+
+def test_detectron2_pkl(tmp_path):
+    src = source_backbone(128)  # 8x8 grid, global table 15 -> resized to 7
+    sd = src.state_dict()
+    pos_with_cls = torch.cat([torch.randn(1, 1, 32), sd["pos_embed"].reshape(1, 64, 32)], dim=1)
+    model = {"backbone.net." + k: v.numpy() for k, v in sd.items() if k != "pos_embed"}
+    model["backbone.net.pos_embed"] = pos_with_cls.numpy()
+    model["backbone.simfp_2.0.weight"] = torch.randn(3, 3).numpy()
+    model["roi_heads.box_predictor.cls_score.weight"] = torch.randn(81, 4).numpy()
+    path = tmp_path / "model_final.pkl"
+    path.write_bytes(pickle.dumps({"model": model, "__author__": "test", "matching_heuristics": True}))
+    target = target_backbone()
+    assert load_visual_weights(target, path, log=None) == "detectron2"
+    check_loaded(target, sd)
+    tsd = target.state_dict()
+    torch.testing.assert_close(tsd["pos_embed"], resize_abs_pos(sd["pos_embed"], (4, 4)))
+    torch.testing.assert_close(tsd["blocks.1.attn.rel_pos_h"], resize_rel_pos(sd["blocks.1.attn.rel_pos_h"], 7))
+    torch.testing.assert_close(tsd["blocks.0.attn.rel_pos_h"], sd["blocks.0.attn.rel_pos_h"])  # window table kept
+
+
+def test_mae_pth_leaves_only_rel_pos_missing(tmp_path, capsys):
+    src = source_backbone(64)
+    sd = {k: v for k, v in src.state_dict().items() if "rel_pos" not in k}
+    sd["pos_embed"] = torch.cat([torch.zeros(1, 1, 32), sd["pos_embed"].reshape(1, 16, 32)], dim=1)
+    sd.update({"cls_token": torch.randn(1, 1, 32), "norm.weight": torch.ones(32), "norm.bias": torch.zeros(32)})
+    path = tmp_path / "mae_pretrain_vit_base.pth"
+    torch.save({"model": sd}, path)
+    target = target_backbone()
+    assert load_visual_weights(target, path) == "mae"
+    assert "4 keys left at initialisation" in capsys.readouterr().out
+    check_loaded(target, src.state_dict())
+    torch.testing.assert_close(target.state_dict()["pos_embed"], src.state_dict()["pos_embed"])
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_timm_sam(tmp_path, suffix):
+    src = source_backbone(128)
+    sd = dict(src.state_dict())
+    sd["neck.0.weight"] = torch.randn(8, 32, 1, 1)
+    path = tmp_path / f"samvit_base_patch16{suffix}"
+    if suffix == ".pth":
+        torch.save(sd, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    target = target_backbone()
+    assert load_visual_weights(target, path, log=None) == "sam"
+    check_loaded(target, sd)
+    torch.testing.assert_close(target.state_dict()["pos_embed"], resize_abs_pos(sd["pos_embed"], (4, 4)))
+
+
+def test_wrong_shape_and_unknown_key_are_named(tmp_path):
+    sd = dict(source_backbone(64).state_dict())
+    sd["blocks.0.mlp.fc1.weight"] = torch.randn(7, 32)
+    sd["blocks.0.attn.gate"] = torch.randn(3)
+    path = tmp_path / "bad.pth"
+    torch.save(sd, path)
+    with pytest.raises(ValueError) as err:
+        load_visual_weights(target_backbone(), path, log=None)
+    msg = str(err.value)
+    assert "shape mismatch for blocks.0.mlp.fc1.weight: checkpoint (7, 32), model (128, 32)" in msg
+    assert "unexpected key blocks.0.attn.gate" in msg and "bad.pth" in msg
+
+
+def test_missing_key_is_named(tmp_path):
+    sd = dict(source_backbone(64).state_dict())
+    del sd["blocks.1.norm2.bias"]
+    path = tmp_path / "partial.pth"
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"missing key blocks\.1\.norm2\.bias"):
+        load_visual_weights(target_backbone(), path, log=None)
+
+
+def test_unrecognised_format_and_missing_file(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.randn(2)}, path)
+    with pytest.raises(ValueError, match="unrecognised visual checkpoint"):
+        load_visual_weights(target_backbone(), path, log=None)
+    with pytest.raises(FileNotFoundError, match="nope.pkl"):
+        load_visual_weights(target_backbone(), tmp_path / "nope.pkl", log=None)
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_malicious_pickle_is_refused_without_side_effects(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "model_final.pkl"
+    path.write_bytes(pickle.dumps({"model": {"x": _Exploit()}}))
+    with pytest.raises(UnsafePickleError, match="os.system|posix.system"):
+        plain_load(path, allow_numpy=True)
+    with pytest.raises(UnsafePickleError):
+        load_visual_weights(target_backbone(), path, log=None)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_create_model_with_visual_weights(tmp_path):
+    import vglaw
+
+    torch.manual_seed(0)
+    ref = vglaw.create_model("vglaw_tiny")
+    sd = {k: v + 1.0 for k, v in ref.backbone.state_dict().items()}
+    path = tmp_path / "w.pth"
+    torch.save(sd, path)  # a 4-D pos_embed: read as a SAM-style state dict
+    m = vglaw.create_model("vglaw_tiny", visual_weights=str(path))
+    torch.testing.assert_close(m.backbone.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])

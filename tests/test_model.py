@@ -1,0 +1,162 @@
+"""The VG-LAW model: equivalences with reference implementations, independence, gradients."""
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+import vglaw
+from vglaw.models.vitdet import ViTDet, low_rank_linear
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return vglaw.create_model("vglaw_tiny", **overrides).eval()
+
+
+def make_phi_nonzero(model, scale=0.5):
+    with torch.no_grad():
+        model.weight_generator.phi_weight.normal_(0, scale)
+        model.weight_generator.phi_bias.normal_(0, scale)
+
+
+def encode(tokenizer, texts, pad_to=None):
+    kwargs = dict(padding="max_length", max_length=pad_to) if pad_to else dict(padding=True)
+    t = tokenizer(texts, return_tensors="pt", truncation=True, **kwargs)
+    return t["input_ids"], t["attention_mask"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny()
+
+
+def test_output_contract(model, tokenizer):
+    ids, mask = encode(tokenizer, ["the red circle", "a square"])
+    out = model(torch.randn(2, 3, 64, 64), ids, mask, return_attention=True)
+    assert out["boxes"].shape == (2, 4)
+    assert ((out["boxes"] >= 0) & (out["boxes"] <= 1)).all()
+    assert out["mask_logits"].shape == (2, 1, 64, 64)
+    assert out["lang_attention"].shape == (2, 4, 12, ids.shape[1])
+    # Attention never lands on padding tokens and sums to one over the real tokens.
+    alpha = out["lang_attention"]
+    assert torch.all(alpha[1, :, :, mask[1] == 0] == 0)
+    torch.testing.assert_close(alpha.sum(-1), torch.ones_like(alpha.sum(-1)))
+
+
+@pytest.mark.parametrize("task,keys", [("box", {"boxes"}), ("mask", {"mask_logits"})])
+def test_single_task_variants(tokenizer, task, keys):
+    m = tiny(task=task)
+    ids, mask = encode(tokenizer, ["the red circle"])
+    assert set(m(torch.randn(1, 3, 64, 64), ids, mask)) == keys
+    assert (m.box_head is None) == (task == "mask") and (m.mask_head is None) == (task == "box")
+
+
+def test_unknown_variant_and_task():
+    with pytest.raises(KeyError, match="vglaw_tiny"):
+        vglaw.create_model("vglaw_huge")
+    with pytest.raises(ValueError, match="task"):
+        vglaw.create_model("vglaw_tiny", task="caption")
+
+
+def test_zero_phi_backbone_is_plain_vitdet(model, tokenizer):
+    """At initialisation Φ = 0, so the language-adaptive backbone equals the static one."""
+    ids, mask = encode(tokenizer, ["the red circle", "the big blue star left of the square"])
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens, _ = model.text(ids, mask)
+        h1 = model.aggregator(tokens, mask)
+        adaptive = model.backbone(images, model.weight_generator(h1))
+        static = model.backbone(images, None)
+    torch.testing.assert_close(adaptive, static, atol=1e-6, rtol=0)
+
+
+def test_backbone_equals_timm_sam():
+    """Same weights in timm's VisionTransformerSAM (neck removed): same features. The 80 px input
+    gives a 5x5 grid, so the 2x2 windows need padding, which both must treat alike."""
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    torch.manual_seed(0)
+    ours = ViTDet(img_size=80, embed_dim=48, depth=4, num_heads=2, window_size=2, window_block_indexes=(0, 2),
+                  drop_path_rate=0.0).eval()
+    with torch.no_grad():  # rel-pos tables start at zero; make them matter
+        for name, p in ours.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0, 0.5)
+    ref = VisionTransformerSAM(img_size=80, patch_size=16, embed_dim=48, depth=4, num_heads=2, window_size=2,
+                               global_attn_indexes=(1, 3), use_rel_pos=True, neck_chans=0, num_classes=0,
+                               norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
+    ref.neck = nn.Identity()
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("head", "neck", "norm", "fc_norm")) for k in missing)
+    images = torch.randn(2, 3, 80, 80)
+    with torch.no_grad():
+        expected = ref.forward_features(images).permute(0, 2, 3, 1)  # (B, H, W, C)
+        torch.testing.assert_close(ours(images), expected, atol=1e-4, rtol=0)
+
+
+def test_factored_qkv_equals_materialised_weight(model, tokenizer):
+    make_phi_nonzero(model)
+    try:
+        ids, mask = encode(tokenizer, ["the red circle", "the star left of the blue circle"])
+        with torch.no_grad():
+            tokens, _ = model.text(ids, mask)
+            h1 = model.aggregator(tokens, mask)
+            factors = model.weight_generator(h1)
+            phi = model.weight_generator.phi(h1)  # (B, N, d_w, d_w)
+            P, Q = model.weight_generator.P, model.weight_generator.Q
+            block = 1
+            qkv = model.backbone.blocks[block].attn.qkv
+            x = torch.randn(2, 4, 4, qkv.in_features)
+            fast = low_rank_linear(x, qkv, factors[block])
+            W = qkv.weight + P @ phi[:, block] @ Q.T  # (B, 3C, C), built only here as the reference
+            slow = torch.einsum("bhwc,boc->bhwo", x, W) + qkv.bias
+            assert (W - qkv.weight).abs().amax() > 1e-3  # the update is not trivially zero
+            torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    finally:
+        with torch.no_grad():
+            model.weight_generator.phi_weight.zero_()
+            model.weight_generator.phi_bias.zero_()
+
+
+def test_samples_are_independent_of_batch_and_padding(tokenizer):
+    m = tiny()
+    make_phi_nonzero(m)
+    texts = ["the small red circle", "the star left of the big blue square at the top"]
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ids, mask = encode(tokenizer, texts)
+        batch = m(images, ids, mask)
+        ids2, mask2 = encode(tokenizer, texts, pad_to=ids.shape[1] + 7)
+        padded = m(images, ids2, mask2)
+        for i, text in enumerate(texts):
+            solo_ids, solo_mask = encode(tokenizer, [text])
+            solo = m(images[i : i + 1], solo_ids, solo_mask)
+            for key in ("boxes", "mask_logits"):
+                torch.testing.assert_close(batch[key][i : i + 1], solo[key], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(padded[key][i : i + 1], solo[key], atol=1e-5, rtol=1e-4)
+        # And the language does change the output once Φ is non-zero.
+        swapped = m(images, ids.flip(0), mask.flip(0))
+        assert (swapped["boxes"] - batch["boxes"]).abs().amax() > 1e-4
+
+
+def test_every_parameter_gets_a_gradient(tokenizer):
+    m = tiny()
+    make_phi_nonzero(m, 0.1)
+    m.train()
+    ids, mask = encode(tokenizer, ["the red circle", "the blue square"])
+    out = m(torch.randn(2, 3, 64, 64), ids, mask)
+    (out["boxes"].sum() + out["mask_logits"].sigmoid().mean()).backward()
+    no_grad = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert no_grad == []
+
+
+def test_zero_phi_blocks_gradient_to_language_path_only_through_phi(tokenizer):
+    """With Φ at zero, P and Q get no gradient but Φ does, so training can start."""
+    m = tiny().train()
+    ids, mask = encode(tokenizer, ["the red circle"])
+    out = m(torch.randn(1, 3, 64, 64), ids, mask)
+    out["boxes"].sum().backward()
+    wg = m.weight_generator
+    assert wg.P.grad.abs().sum() == 0 and wg.Q.grad.abs().sum() == 0
+    assert wg.phi_weight.grad.abs().sum() > 0

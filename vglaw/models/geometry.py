@@ -1,0 +1,103 @@
+"""Pure tensor geometry for the ViTDet backbone.
+
+Layout convention: token maps are channels-last, (B, H, W, C), as in detectron2's ViT.
+Every function here is stateless so it can be tested against a reference on its own.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def window_partition(x: Tensor, window_size: int) -> tuple[Tensor, tuple[int, int]]:
+    """Split a (B, H, W, C) map into non-overlapping windows, zero-padding H and W up.
+
+    Returns:
+        windows of shape (B * nW, ws, ws, C) and the padded size (Hp, Wp).
+    """
+    B, H, W, C = x.shape
+    pad_h = (window_size - H % window_size) % window_size
+    pad_w = (window_size - W % window_size) % window_size
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.view(B, Hp // window_size, window_size, Wp // window_size, window_size, C)
+    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)  # (B*nW, ws, ws, C)
+    return windows, (Hp, Wp)
+
+
+def window_unpartition(windows: Tensor, window_size: int, pad_hw: tuple[int, int], hw: tuple[int, int]) -> Tensor:
+    """Inverse of `window_partition`: (B * nW, ws, ws, C) -> (B, H, W, C), padding removed."""
+    Hp, Wp = pad_hw
+    H, W = hw
+    B = windows.shape[0] // (Hp * Wp // window_size // window_size)
+    x = windows.view(B, Hp // window_size, Wp // window_size, window_size, window_size, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)  # (B, Hp, Wp, C)
+    return x[:, :H, :W, :].contiguous()
+
+
+def resize_abs_pos(pos_embed: Tensor, hw: tuple[int, int]) -> Tensor:
+    """Bicubically resize a (1, h, w, C) absolute position table to (1, H, W, C).
+
+    Uses align_corners=False and no antialiasing, as detectron2's `get_abs_pos` does.
+    """
+    if tuple(pos_embed.shape[1:3]) == tuple(hw):
+        return pos_embed
+    grid = pos_embed.permute(0, 3, 1, 2).float()  # (1, C, h, w)
+    grid = F.interpolate(grid, size=hw, mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).to(pos_embed.dtype)  # (1, H, W, C)
+
+
+def resize_rel_pos(rel_pos: Tensor, length: int) -> Tensor:
+    """Linearly resize a (L, head_dim) relative position table to (length, head_dim)."""
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    table = rel_pos.float().t().unsqueeze(0)  # (1, head_dim, L)
+    table = F.interpolate(table, size=length, mode="linear", align_corners=False)
+    return table.squeeze(0).t().to(rel_pos.dtype)  # (length, head_dim)
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
+    """Relative position embeddings for every (query, key) pair along one axis.
+
+    Args:
+        q_size: number of query positions along the axis.
+        k_size: number of key positions along the axis.
+        rel_pos: (L, head_dim) table; resized linearly when L != 2 * max(q, k) - 1.
+
+    Returns:
+        (q_size, k_size, head_dim)
+    """
+    max_rel_dist = 2 * max(q_size, k_size) - 1
+    rel_pos = resize_rel_pos(rel_pos, max_rel_dist)
+    # Scale coordinates with the shorter side when q and k sizes differ (detectron2 rule).
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[relative.long()]
+
+
+def decomposed_rel_pos_bias(
+    q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, q_hw: tuple[int, int], k_hw: tuple[int, int]
+) -> Tensor:
+    """Additive attention bias of decomposed relative positions (MViTv2 / ViTDet).
+
+    Args:
+        q: unscaled queries, (B, nh, q_h * q_w, head_dim).
+        rel_pos_h, rel_pos_w: relative tables for the height and width axes.
+        q_hw, k_hw: query and key grid sizes.
+
+    Returns:
+        bias of shape (B, nh, q_h * q_w, k_h * k_w), to be added to q·kᵀ·scale before softmax.
+    """
+    q_h, q_w = q_hw
+    k_h, k_w = k_hw
+    Rh = get_rel_pos(q_h, k_h, rel_pos_h)  # (q_h, k_h, hd)
+    Rw = get_rel_pos(q_w, k_w, rel_pos_w)  # (q_w, k_w, hd)
+    B, nh, _, hd = q.shape
+    r_q = q.reshape(B, nh, q_h, q_w, hd)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh.to(q.dtype))  # (B, nh, q_h, q_w, k_h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw.to(q.dtype))  # (B, nh, q_h, q_w, k_w)
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, nh, q_h, q_w, k_h, k_w)
+    return bias.reshape(B, nh, q_h * q_w, k_h * k_w)

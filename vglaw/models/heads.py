@@ -1,0 +1,83 @@
+"""Task heads on the backbone's last feature map.
+
+Layout: the backbone hands (B, H, W, C) channels-last tokens; the box head keeps them as
+(B, H·W, C), the mask head works channels-first (B, C, H, W) as convolutions want.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LAPBoxHead(nn.Module):
+    """Language-adaptive pooling then a 3-layer MLP to a normalised (cx, cy, w, h) box.
+
+    A = softmax_{HW}(φ_v(F_v) · φ_t(t) / √k); pooled = Σ A·F_v; box = σ(MLP(pooled)).
+
+    Args:
+        visual_dim: C.
+        text_dim: d_l.
+        attn_dim: k, width of the space the visual tokens and the `[CLS]` feature meet in.
+        hidden_dim: width of the MLP's two hidden layers.
+    """
+
+    def __init__(self, visual_dim: int, text_dim: int, attn_dim: int = 64, hidden_dim: int = 256) -> None:
+        super().__init__()
+        self.visual_proj = nn.Linear(visual_dim, attn_dim)
+        self.text_proj = nn.Linear(text_dim, attn_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(visual_dim, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, 4),
+        )
+
+    def forward(self, features: Tensor, text_cls: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, H, W, C) features and (B, d_l) text -> boxes (B, 4) and attention (B, H, W)."""
+        B, H, W, C = features.shape
+        tokens = features.reshape(B, H * W, C)  # (B, HW, C)
+        keys = self.visual_proj(tokens)  # (B, HW, k)
+        query = self.text_proj(text_cls)  # (B, k)
+        logits = torch.einsum("bnk,bk->bn", keys, query) / math.sqrt(keys.shape[-1])  # (B, HW)
+        attn = logits.softmax(dim=-1)
+        pooled = torch.einsum("bn,bnc->bc", attn, tokens)  # (B, C)
+        return self.mlp(pooled).sigmoid(), attn.view(B, H, W)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class MaskHead(nn.Module):
+    """Two stride-2 transposed convolutions (stride 16 -> 4), a per-pixel dot product with the
+    projected `[CLS]` feature, and bilinear upsampling to the input size.
+
+    Args:
+        visual_dim: C.
+        text_dim: d_l.
+        hidden_dim: channels between the two transposed convolutions.
+    """
+
+    def __init__(self, visual_dim: int, text_dim: int, hidden_dim: int = 256) -> None:
+        super().__init__()
+        self.upsample = nn.Sequential(
+            nn.ConvTranspose2d(visual_dim, hidden_dim, kernel_size=2, stride=2),
+            LayerNorm2d(hidden_dim, eps=1e-6),
+            nn.GELU(),
+            nn.ConvTranspose2d(hidden_dim, visual_dim, kernel_size=2, stride=2),
+        )
+        self.text_proj = nn.Linear(text_dim, visual_dim)
+
+    def forward(self, features: Tensor, text_cls: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """(B, H, W, C) features, (B, d_l) text -> mask logits (B, 1, *out_size)."""
+        x = self.upsample(features.permute(0, 3, 1, 2))  # (B, C, 4H, 4W)
+        text = self.text_proj(text_cls)  # (B, C)
+        logits = torch.einsum("bchw,bc->bhw", x, text).unsqueeze(1) / math.sqrt(x.shape[1])  # (B, 1, 4H, 4W)
+        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)

@@ -1,0 +1,249 @@
+"""ViTDet backbone (plain ViT with window/global attention) whose qkv accept a per-sample
+low-rank weight update.
+
+Layout convention: tokens stay channels-last, (B, H, W, C), from the patch embedding to the
+output, as in detectron2's ViT. Parameter names follow detectron2/timm (`blocks.N.attn.qkv`,
+`pos_embed`, ...), so pretrained checkpoints map onto this module key for key.
+
+The language-adaptive weight of block i is W_i = W0_i + ΔW_i(b) with ΔW_i(b)ᵀ = down_i(b) @ up,
+`down_i` of shape (B, C, r) and `up` of shape (r, 3C). It is applied as a product chain,
+qkv = x·W0ᵀ + bias + (x·down)·up, so no (B, 3C, C) tensor is ever built.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers import DropPath, Mlp
+from torch import Tensor, nn
+
+from vglaw.models.geometry import decomposed_rel_pos_bias, resize_abs_pos, window_partition, window_unpartition
+
+LowRank = tuple[Tensor, Tensor]  # (down: (B, C, r), up: (r, 3C))
+
+
+def low_rank_linear(x: Tensor, linear: nn.Linear, low_rank: LowRank | None) -> Tensor:
+    """`linear(x)` plus the per-sample low-rank term (x·down)·up.
+
+    Args:
+        x: (B, ..., C_in) input; every token of sample b uses sample b's update.
+        linear: the static projection W0, b.
+        low_rank: None for the static weight, else (down (B, C_in, r), up (r, C_out)).
+    """
+    out = linear(x)
+    if low_rank is None:
+        return out
+    down, up = low_rank
+    B = x.shape[0]
+    flat = x.reshape(B, -1, x.shape[-1])  # (B, N, C_in)
+    out = torch.baddbmm(out.reshape(B, flat.shape[1], -1), flat @ down, up.expand(B, -1, -1))  # (B, N, C_out)
+    return out.view(*x.shape[:-1], -1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with decomposed relative position bias, windowed or global.
+
+    Args:
+        dim: channel width C.
+        num_heads: number of heads; C must divide evenly.
+        qkv_bias: learn a bias on the qkv projection.
+        window_size: 0 for global attention, else the side of the square windows.
+        input_size: token grid (H, W) the relative tables are sized for (the window for
+            window blocks); other grids are handled by interpolating the tables.
+        use_rel_pos: add the decomposed relative position bias.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        window_size: int = 0,
+        input_size: tuple[int, int] = (14, 14),
+        use_rel_pos: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.window_size = window_size
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            table_hw = (window_size, window_size) if window_size else input_size
+            # Zero-initialised as in ViTDet; pretrained tables are copied in by the checkpoint filters.
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * table_hw[0] - 1, self.head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * table_hw[1] - 1, self.head_dim))
+
+    def forward(self, x: Tensor, low_rank: LowRank | None = None) -> Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        B, H, W, C = x.shape
+        if self.window_size:
+            # qkv is per token, so it is computed on the padded map before windowing; the padded
+            # tokens then see exactly the bias detectron2 gives them, and the per-sample update
+            # needs no repetition per window.
+            pad_h = (self.window_size - H % self.window_size) % self.window_size
+            pad_w = (self.window_size - W % self.window_size) % self.window_size
+            if pad_h or pad_w:
+                x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        qkv = low_rank_linear(x, self.qkv, low_rank)  # (B, Hp, Wp, 3C)
+        if self.window_size:
+            qkv, pad_hw = window_partition(qkv, self.window_size)  # (B*nW, ws, ws, 3C)
+        Bw, h, w, _ = qkv.shape
+        qkv = qkv.reshape(Bw, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, Bw, nh, N, hd)
+        q, k, v = qkv.unbind(0)
+        bias = None
+        if self.use_rel_pos:
+            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))  # (Bw, nh, N, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (Bw, nh, N, hd)
+        out = out.transpose(1, 2).reshape(Bw, h, w, C)  # (Bw, h, w, C)
+        if self.window_size:
+            out = window_unpartition(out, self.window_size, pad_hw, (H, W))  # (B, H, W, C)
+        return self.proj(out)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    Args:
+        dim: channel width C.
+        num_heads: attention heads.
+        mlp_ratio: hidden width of the MLP as a multiple of C.
+        qkv_bias: learn a bias on the qkv projection.
+        drop_path: stochastic depth rate of this block.
+        window_size: 0 for global attention, else the window side.
+        input_size: token grid the relative tables of a global block are sized for.
+        use_rel_pos: add the decomposed relative position bias.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        window_size: int = 0,
+        input_size: tuple[int, int] = (14, 14),
+        use_rel_pos: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, window_size, input_size, use_rel_pos)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: Tensor, low_rank: LowRank | None = None) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), low_rank))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches by a strided convolution: (B, 3, H, W) -> (B, H/p, W/p, C)."""
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, C)
+
+
+class ViTDet(nn.Module):
+    """Plain ViT backbone of ViTDet (Li et al., 2022) with language-adaptive qkv.
+
+    Args:
+        img_size: input side the position tables are sized for; other sizes are interpolated.
+        patch_size: patch side (output stride).
+        in_chans: input channels.
+        embed_dim: channel width C.
+        depth: number of blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width as a multiple of C.
+        qkv_bias: learn a bias on qkv.
+        drop_path_rate: stochastic depth, increasing linearly to this rate over the blocks.
+        window_size: window side of the window blocks.
+        window_block_indexes: blocks using window attention; the others attend globally.
+        use_rel_pos: add decomposed relative position bias.
+        grad_checkpointing: recompute blocks in backward to save activation memory.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 448,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.1,
+        window_size: int = 14,
+        window_block_indexes: Sequence[int] = (0, 1, 3, 4, 6, 7, 9, 10),
+        use_rel_pos: bool = True,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        grid = img_size // patch_size
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.grad_checkpointing = grad_checkpointing
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias,
+                rates[i],
+                window_size if i in window_block_indexes else 0,
+                (grid, grid),
+                use_rel_pos,
+            )
+            for i in range(depth)
+        )
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, images: Tensor, qkv_low_rank: Sequence[LowRank] | None = None) -> Tensor:
+        """Encode images.
+
+        Args:
+            images: (B, 3, H, W), H and W multiples of the patch size.
+            qkv_low_rank: one (down, up) pair per block for language-adaptive weights, or None
+                for the static backbone.
+
+        Returns:
+            (B, H/p, W/p, C) features.
+        """
+        if qkv_low_rank is not None and len(qkv_low_rank) != len(self.blocks):
+            raise ValueError(f"got {len(qkv_low_rank)} low-rank updates for {len(self.blocks)} blocks")
+        x = self.patch_embed(images)  # (B, h, w, C)
+        x = x + resize_abs_pos(self.pos_embed, x.shape[1:3])
+        for i, block in enumerate(self.blocks):
+            low_rank = None if qkv_low_rank is None else qkv_low_rank[i]
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, low_rank, use_reentrant=False)
+            else:
+                x = block(x, low_rank)
+        return x

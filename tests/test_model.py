@@ -160,3 +160,13 @@ def test_zero_phi_blocks_gradient_to_language_path_only_through_phi(tokenizer):
     wg = m.weight_generator
     assert wg.P.grad.abs().sum() == 0 and wg.Q.grad.abs().sum() == 0
     assert wg.phi_weight.grad.abs().sum() > 0
+
+
+def test_conv_transpose_as_matmul_equals_module():
+    from vglaw.models.heads import conv_transpose_2x2
+
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(6, 5, kernel_size=2, stride=2)
+    x = torch.randn(2, 3, 4, 6)  # (B, H, W, C)
+    expected = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(conv_transpose_2x2(x, conv), expected, atol=1e-6, rtol=1e-5)

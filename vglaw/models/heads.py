@@ -48,11 +48,19 @@ class LAPBoxHead(nn.Module):
         return self.mlp(pooled).sigmoid(), attn.view(B, H, W)
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map."""
+def conv_transpose_2x2(x: Tensor, conv: nn.ConvTranspose2d) -> Tensor:
+    """`conv` (kernel 2, stride 2) applied to a channels-last map: (B, H, W, Cin) -> (B, 2H, 2W, Cout).
 
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    With kernel = stride the output pixels of different input pixels never overlap, so the
+    transposed convolution is one matrix product followed by depth-to-space; this is the same
+    arithmetic as `conv(x.permute(0, 3, 1, 2))`, several times faster on CPUs.
+    """
+    B, H, W, _ = x.shape
+    cout = conv.out_channels
+    weight = conv.weight.flatten(1)  # (Cin, Cout*2*2)
+    y = (x @ weight.to(x.dtype)).view(B, H, W, cout, 2, 2)  # (B, H, W, Cout, kh, kw)
+    y = y.permute(0, 1, 4, 2, 5, 3).reshape(B, 2 * H, 2 * W, cout)  # (B, 2H, 2W, Cout)
+    return y + conv.bias.to(y.dtype) if conv.bias is not None else y
 
 
 class MaskHead(nn.Module):
@@ -67,17 +75,15 @@ class MaskHead(nn.Module):
 
     def __init__(self, visual_dim: int, text_dim: int, hidden_dim: int = 256) -> None:
         super().__init__()
-        self.upsample = nn.Sequential(
-            nn.ConvTranspose2d(visual_dim, hidden_dim, kernel_size=2, stride=2),
-            LayerNorm2d(hidden_dim, eps=1e-6),
-            nn.GELU(),
-            nn.ConvTranspose2d(hidden_dim, visual_dim, kernel_size=2, stride=2),
-        )
+        self.up1 = nn.ConvTranspose2d(visual_dim, hidden_dim, kernel_size=2, stride=2)
+        self.norm = nn.LayerNorm(hidden_dim, eps=1e-6)
+        self.up2 = nn.ConvTranspose2d(hidden_dim, visual_dim, kernel_size=2, stride=2)
         self.text_proj = nn.Linear(text_dim, visual_dim)
 
     def forward(self, features: Tensor, text_cls: Tensor, out_size: tuple[int, int]) -> Tensor:
         """(B, H, W, C) features, (B, d_l) text -> mask logits (B, 1, *out_size)."""
-        x = self.upsample(features.permute(0, 3, 1, 2))  # (B, C, 4H, 4W)
+        x = F.gelu(self.norm(conv_transpose_2x2(features, self.up1)))  # (B, 2H, 2W, hidden)
+        x = conv_transpose_2x2(x, self.up2)  # (B, 4H, 4W, C)
         text = self.text_proj(text_cls)  # (B, C)
-        logits = torch.einsum("bchw,bc->bhw", x, text).unsqueeze(1) / math.sqrt(x.shape[1])  # (B, 1, 4H, 4W)
+        logits = torch.einsum("bhwc,bc->bhw", x, text).unsqueeze(1) / math.sqrt(x.shape[-1])  # (B, 1, 4H, 4W)
         return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)

@@ -67,6 +67,7 @@ class TextEncoder(nn.Module):
         # The pooler is never used; removing it keeps every parameter trainable-by-gradient.
         if getattr(self.bert, "pooler", None) is not None:
             self.bert.pooler = None
+        self.bert.train()  # from_pretrained returns eval mode; follow the parent's mode instead
         self.dim = config.hidden_size
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,7 @@ class VGLAW(nn.Module):
         reduction: r, d_l -> d_l / r before weight generation.
         rank: d_w of the matrix factorisation.
         lap_dim: k, the attention width of the box head's language-adaptive pooling.
+        mask_dim: channels between the mask head's two transposed convolutions (paper: 256).
         task: "both" (REC and RES), "box" (REC only) or "mask" (RES only).
         grad_checkpointing: recompute backbone blocks during backward.
     """
@@ -58,6 +59,7 @@ class VGLAW(nn.Module):
         reduction: int = 16,
         rank: int = 32,
         lap_dim: int = 64,
+        mask_dim: int = 256,
         task: str = "both",
         grad_checkpointing: bool = False,
     ) -> None:
@@ -81,7 +83,7 @@ class VGLAW(nn.Module):
         self.aggregator = LanguageAggregator(self.text.dim, depth, groups, reduction)
         self.weight_generator = WeightGenerator(self.aggregator.out_dim, embed_dim, depth, rank)
         self.box_head = LAPBoxHead(embed_dim, self.text.dim, lap_dim) if task in ("both", "box") else None
-        self.mask_head = MaskHead(embed_dim, self.text.dim) if task in ("both", "mask") else None
+        self.mask_head = MaskHead(embed_dim, self.text.dim, mask_dim) if task in ("both", "mask") else None
 
     def forward(
         self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, return_attention: bool = False

@@ -1,0 +1,99 @@
+"""`vglaw` command line: Lightning's fit / validate / test, plus predict, data and bench."""
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """usage: vglaw <command> [options]
+
+  fit | validate | test   Lightning CLI: --config configs/<dataset>.yaml, --print_config, overrides
+  predict                 ground expressions in one image: --image x.jpg --text "left dog" --ckpt m.ckpt
+  data shapes             generate the synthetic shapes dataset in the refer format
+  data check              check a prepared refer-format folder and print per-split counts
+  bench                   parameters, FLOPs, latency, throughput and memory (writes bench/results.json)
+
+Run `vglaw <command> --help` for the options of each."""
+
+
+def count_devices(devices, accelerator: str = "auto") -> int:
+    """Processes per node that Lightning will start for a `trainer.devices` value."""
+    import torch
+
+    gpus = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 0
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()])
+    if text in ("auto", "-1"):
+        return max(1, gpus) if text == "-1" or gpus else 1
+    return int(text)
+
+
+def lightning_main(args: list[str]) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.cli import LightningCLI
+
+    from vglaw.data.datamodule import ReferDataModule
+    from vglaw.training.module import VGLAWModule
+
+    class VGLAWCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # The model must see the images and tokens the data module makes.
+            parser.link_arguments("data.img_size", "model.img_size")
+            parser.link_arguments("data.text_encoder", "model.text_encoder")
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({
+                "checkpoint.monitor": "val/prec@0.5", "checkpoint.mode": "max", "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch}", "checkpoint.auto_insert_metric_name": False,
+            })
+
+        def before_instantiate_classes(self) -> None:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.set_float32_matmul_precision("high")
+            cfg = self.config[self.subcommand]
+            if cfg.data.global_batch_size:
+                world = count_devices(cfg.trainer.devices, cfg.trainer.accelerator) * int(cfg.trainer.num_nodes)
+                per_step = cfg.data.batch_size * world
+                if cfg.data.global_batch_size % per_step:
+                    raise SystemExit(
+                        f"vglaw: data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
+                        f"data.batch_size x devices = {cfg.data.batch_size} x {world}; change data.batch_size"
+                    )
+                cfg.trainer.accumulate_grad_batches = cfg.data.global_batch_size // per_step
+
+    # From the console LightningCLI reads sys.argv itself; explicit args are for calls from Python.
+    VGLAWCLI(VGLAWModule, ReferDataModule, args=None if args == sys.argv[1:] else args, seed_everything_default=0,
+             save_config_kwargs={"overwrite": True})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in ("fit", "validate", "test"):
+        lightning_main(argv)
+        return 0
+    if command == "predict":
+        from vglaw.predict import main as predict_main
+
+        return predict_main(rest)
+    if command == "data":
+        from vglaw.data.commands import main as data_main
+
+        return data_main(rest)
+    if command == "bench":
+        from vglaw.bench import main as bench_main
+
+        return bench_main(rest)
+    print(f"vglaw: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""LightningDataModule for refer-format datasets: paths, splits, augmentation and tokenisation.
+
+Batches hold: "images" (B, 3, S, S), "masks" (B, S, S), "boxes" (B, 4) normalised cxcywh,
+"input_ids" / "attention_mask" (B, L <= 40), the letterbox records "scale", "pad",
+"orig_size" (B, 2), "index" (B,) sentence index in its split, "texts"; evaluation batches also
+"orig_boxes" (B, 4) xyxy and "orig_masks" (a list of (h, w) uint8 masks).
+"""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from vglaw.data.refer import DEFAULT_SPLIT_BY, ReferDataset
+from vglaw.data.transforms import GroundingTransform
+from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, MAX_TOKENS, load_tokenizer
+
+
+class Collate:
+    """Stack tensors and tokenise the expressions of a batch."""
+
+    def __init__(self, text_encoder: str, max_tokens: int = MAX_TOKENS) -> None:
+        self.text_encoder, self.max_tokens = text_encoder, max_tokens
+        self._tokenizer = None  # built lazily, once per worker process
+
+    def __call__(self, samples: list[dict]) -> dict:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.text_encoder)
+        texts = [s["text"] for s in samples]
+        tokens = self._tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        batch = {
+            "images": torch.stack([s["image"] for s in samples]),
+            "masks": torch.stack([s["mask"] for s in samples]),
+            "boxes": torch.stack([s["box"] for s in samples]),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "scale": torch.stack([s["scale"] for s in samples]),
+            "pad": torch.stack([s["pad"] for s in samples]),
+            "orig_size": torch.stack([s["orig_size"] for s in samples]),
+            "index": torch.tensor([s["index"] for s in samples]),
+            "texts": texts,
+        }
+        if "orig_box" in samples[0]:
+            batch["orig_boxes"] = torch.stack([s["orig_box"] for s in samples])
+            batch["orig_masks"] = [s["orig_mask"] for s in samples]
+        return batch
+
+
+class ReferDataModule(pl.LightningDataModule):
+    """Train / validation / test loaders of one refer-format dataset.
+
+    Args:
+        dataset: refcoco, refcoco+, refcocog, refclef or shapes.
+        data_root: folder holding `<dataset>/` and `images/` (see data/README.md).
+        split_by: unc, umd, google or berkeley; None takes the dataset's default.
+        train_split: split to train on.
+        val_splits: splits evaluated during fit and by `validate` (the first one picks checkpoints).
+        test_splits: splits evaluated by `test`.
+        img_size: letterboxed input side S (must match the model).
+        batch_size: samples per device and forward pass.
+        global_batch_size: effective batch over all devices and accumulation steps; the CLI sets
+            `trainer.accumulate_grad_batches` to reach it. None leaves accumulation alone.
+        num_workers: loader processes per device.
+        text_encoder: tokenizer source, the same name or folder as the model's text encoder.
+        max_tokens: expressions are truncated to this many tokens, `[CLS]` included.
+        augment: random crop, flip and colour jitter for training.
+        skip_invalid: drop bad samples with a counted warning instead of stopping.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "shapes",
+        data_root: str = "data",
+        split_by: str | None = None,
+        train_split: str = "train",
+        val_splits: list[str] | None = None,
+        test_splits: list[str] | None = None,
+        img_size: int = 448,
+        batch_size: int = 32,
+        global_batch_size: int | None = None,
+        num_workers: int = 4,
+        text_encoder: str = DEFAULT_TEXT_ENCODER,
+        max_tokens: int = MAX_TOKENS,
+        augment: bool = True,
+        skip_invalid: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.dataset, self.data_root = dataset, data_root
+        self.split_by = split_by or DEFAULT_SPLIT_BY.get(dataset)
+        self.train_split = train_split
+        self.val_splits = list(val_splits or ["val"])
+        self.test_splits = list(test_splits or ["test"])
+        self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
+        self.augment, self.skip_invalid = augment, skip_invalid
+        self.collate = Collate(text_encoder, max_tokens)
+        self._sets: dict[str, ReferDataset] = {}
+
+    def split(self, name: str, train: bool = False) -> ReferDataset:
+        key = f"{name}:{train}"
+        if key not in self._sets:
+            transform = GroundingTransform(self.img_size, train=train and self.augment, keep_original=not train)
+            self._sets[key] = ReferDataset(self.data_root, self.dataset, name, self.split_by,
+                                           skip_invalid=self.skip_invalid and train, transform=transform)
+        return self._sets[key]
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        return DataLoader(self.split(name, train), batch_size=self.batch_size, shuffle=train, drop_last=train,
+                          num_workers=self.num_workers, collate_fn=self.collate,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_split, train=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(s, train=False) for s in self.val_splits]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(s, train=False) for s in self.test_splits]

@@ -1,0 +1,4 @@
+from vglaw.training.metrics import GroundingMetrics
+from vglaw.training.module import VGLAWModule
+
+__all__ = ["GroundingMetrics", "VGLAWModule"]

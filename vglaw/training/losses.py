@@ -1,0 +1,42 @@
+"""VG-LAW's training losses: L1 + GIoU on boxes, focal + Dice on masks.
+
+Boxes are normalised (cx, cy, w, h); masks are logits / {0, 1} targets at input resolution.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+
+
+def box_losses(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """Mean L1 over coordinates and mean GIoU loss, for (B, 4) cxcywh boxes."""
+    giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(target, "cxcywh", "xyxy"),
+                                    reduction="mean")
+    return {"l1": (pred - target).abs().mean(), "giou": giou}
+
+
+def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
+    """1 - soft Dice per sample, averaged; (B, 1, H, W) logits and targets."""
+    prob = logits.sigmoid().flatten(1)
+    target = target.flatten(1)
+    dice = (2 * (prob * target).sum(1) + eps) / (prob.sum(1) + target.sum(1) + eps)
+    return (1 - dice).mean()
+
+
+def mask_losses(logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """Sigmoid focal loss (α = 0.25, γ = 2, mean over pixels) and Dice loss."""
+    logits = logits.float()
+    target = target.to(logits.dtype).view_as(logits)
+    return {"focal": sigmoid_focal_loss(logits, target, reduction="mean"), "dice": dice_loss(logits, target)}
+
+
+def grounding_loss(outputs: dict[str, Tensor], boxes: Tensor, masks: Tensor, weights: dict[str, float]) -> dict[str, Tensor]:
+    """Weighted total ("loss") and every unweighted term the model's outputs allow."""
+    terms: dict[str, Tensor] = {}
+    if "boxes" in outputs:
+        terms.update(box_losses(outputs["boxes"].float(), boxes.float()))
+    if "mask_logits" in outputs:
+        terms.update(mask_losses(outputs["mask_logits"], masks))
+    terms["loss"] = torch.stack([weights[k] * v for k, v in terms.items()]).sum()
+    return terms

@@ -1,0 +1,180 @@
+"""LightningModule: losses, optimisation, metrics and logging for VG-LAW.
+
+Batches come from `vglaw.data.datamodule.ReferDataModule` (see its docstring for the keys).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from vglaw.data.transforms import boxes_to_original, mask_to_original
+from vglaw.models import create_model
+from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER
+from vglaw.training.metrics import GroundingMetrics, box_iou_pairwise
+
+MASK_THRESHOLD = 0.35
+
+
+class VGLAWModule(pl.LightningModule):
+    """Train and evaluate a VG-LAW variant.
+
+    Args:
+        variant: model name from `vglaw.list_models()`.
+        img_size: input side (linked from the data module by the CLI).
+        text_encoder: BERT name or folder (linked from the data module by the CLI).
+        task: "both", "box" (REC only) or "mask" (RES only).
+        visual_weights: detectron2 / MAE / SAM checkpoint for the visual backbone.
+        model_args: further `VGLAW` constructor overrides (e.g. {"text_layers": 6}).
+        grad_checkpointing: recompute backbone blocks during backward to save memory.
+        weight_l1, weight_giou, weight_focal, weight_dice: loss weights (paper: 1, 1, 4, 4).
+        lr_visual: learning rate of the visual backbone.
+        lr_text: learning rate of the text encoder.
+        lr_other: learning rate of everything else (aggregation, weight generation, heads).
+        weight_decay: AdamW decay of matrices (biases, norms and position tables get none).
+        warmup_steps: linear warm-up from lr / warmup_steps.
+        milestones: epochs at which the learning rate is multiplied by `gamma`.
+        gamma: step decay factor.
+    """
+
+    def __init__(
+        self,
+        variant: str = "vglaw_vitb",
+        img_size: int = 448,
+        text_encoder: str = DEFAULT_TEXT_ENCODER,
+        task: str = "both",
+        visual_weights: str | None = None,
+        model_args: dict[str, Any] | None = None,
+        grad_checkpointing: bool = False,
+        weight_l1: float = 1.0,
+        weight_giou: float = 1.0,
+        weight_focal: float = 4.0,
+        weight_dice: float = 4.0,
+        lr_visual: float = 4e-5,
+        lr_text: float = 4e-5,
+        lr_other: float = 4e-4,
+        weight_decay: float = 1e-4,
+        warmup_steps: int = 0,
+        milestones: list[int] | None = None,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_model(variant, visual_weights=visual_weights, img_size=img_size, text_encoder=text_encoder,
+                                  task=task, grad_checkpointing=grad_checkpointing, **(model_args or {}))
+        self.img_size = img_size
+        self.loss_weights = {"l1": weight_l1, "giou": weight_giou, "focal": weight_focal, "dice": weight_dice}
+        self.milestones = list(milestones if milestones is not None else [10, 60])
+        self.metrics = nn.ModuleDict()
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        return self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
+
+    def _losses(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        from vglaw.training.losses import grounding_loss
+
+        return grounding_loss(outputs, batch["boxes"], batch["masks"], self.loss_weights)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        terms = self._losses(self(batch), batch)
+        if not torch.isfinite(terms["loss"]):
+            bad = [f"{k}={v.item()}" for k, v in terms.items() if k != "loss" and not torch.isfinite(v)]
+            raise FloatingPointError(
+                f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}): {', '.join(bad) or 'loss=' + str(terms['loss'].item())}; stopping before "
+                "the weights are corrupted (try a lower learning rate or fp32)"
+            )
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=len(batch["texts"]))
+        self.log("loss", terms["loss"], prog_bar=True, logger=False, batch_size=len(batch["texts"]))
+        return terms["loss"]
+
+    # ---- evaluation -------------------------------------------------------------------------
+
+    def _splits(self, stage: str) -> list[str]:
+        dm = getattr(self.trainer, "datamodule", None)
+        names = getattr(dm, "val_splits" if stage == "val" else "test_splits", None)
+        return list(names) if names else ["val" if stage == "val" else "test"]
+
+    def _reset_metrics(self, stage: str) -> None:
+        self._stage_splits = self._splits(stage)
+        self.metrics = nn.ModuleDict({s: GroundingMetrics() for s in self._stage_splits}).to(self.device)
+
+    @torch.no_grad()
+    def measure(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        """Per-sentence box IoU and mask intersection / union, in original-image pixels."""
+        out: dict[str, Tensor] = {}
+        if "boxes" in outputs:
+            pred = boxes_to_original(outputs["boxes"], batch["scale"], batch["pad"], batch["orig_size"], self.img_size)
+            out["box_iou"] = box_iou_pairwise(pred, batch["orig_boxes"].to(pred))
+        if "mask_logits" in outputs:
+            inter, union = [], []
+            for i, gt in enumerate(batch["orig_masks"]):
+                logits = mask_to_original(outputs["mask_logits"][i], batch["scale"][i], batch["pad"][i],
+                                          batch["orig_size"][i])
+                pred, gt = logits.sigmoid() > MASK_THRESHOLD, gt.to(logits.device).bool()
+                inter.append((pred & gt).sum())
+                union.append((pred | gt).sum())
+            out["inter"], out["union"] = torch.stack(inter), torch.stack(union)
+        return out
+
+    def _eval_step(self, batch: dict, dataloader_idx: int, stage: str) -> None:
+        outputs = self(batch)
+        split = self._stage_splits[dataloader_idx]
+        terms = self._losses(outputs, batch)
+        self.log(f"{split}/loss", terms["loss"], batch_size=len(batch["texts"]), add_dataloader_idx=False,
+                 sync_dist=True)
+        self.metrics[split].update(batch["index"], **self.measure(outputs, batch))
+
+    def _log_metrics(self) -> None:
+        for split, metric in self.metrics.items():
+            values = metric.compute()
+            values.pop("n", None)
+            self.log_dict({f"{split}/{k}": v.float() for k, v in values.items()}, add_dataloader_idx=False)
+            metric.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_metrics("val")
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_metrics("test")
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics()
+
+    # ---- optimisation -----------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups: dict[str, dict[str, list]] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            part = "visual" if name.startswith("backbone.") else "text" if name.startswith("text.") else "other"
+            no_decay = p.ndim < 2 or name.endswith(("pos_embed", "rel_pos_h", "rel_pos_w"))
+            groups.setdefault(f"{part}{'_nd' if no_decay else ''}", {"params": []})["params"].append(p)
+        lrs = {"visual": hp.lr_visual, "text": hp.lr_text, "other": hp.lr_other}
+        param_groups = [{"params": g["params"], "lr": lrs[k.split("_")[0]], "name": k,
+                         "weight_decay": 0.0 if k.endswith("_nd") else hp.weight_decay} for k, g in groups.items()]
+        optimizer = torch.optim.AdamW(param_groups, fused=True)
+        steps_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)))
+        warmup, milestones, gamma = hp.warmup_steps, self.milestones, hp.gamma
+
+        def factor(step: int) -> float:
+            warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            epoch = step // steps_per_epoch
+            return warm * gamma ** sum(epoch >= m for m in milestones)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -36,7 +36,7 @@ def load_module(ckpt: str | Path, device: str = "cpu") -> VGLAWModule:
     hp = state.get("hyper_parameters") if isinstance(state, dict) else None
     if not hp or "variant" not in hp or "state_dict" not in state:
         raise CheckpointError(f"{ckpt} is not a vglaw training checkpoint (no hyper_parameters.variant / state_dict)")
-    hp = dict(hp)
+    hp = {k: v for k, v in hp.items() if not k.startswith("_")}  # LightningCLI adds "_instantiator"
     # The checkpoint carries every weight: skip loading pretrained files that would be overwritten.
     hp["visual_weights"] = None
     hp["model_args"] = {**(hp.get("model_args") or {}), "text_pretrained": False}

@@ -11,6 +11,7 @@ import random
 import re
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,8 @@ class GroundingTransform:
         self.img_size, self.train, self.flip_p, self.keep_original = img_size, train, flip_p, keep_original
         bbox = A.BboxParams(format="coco", label_fields=["labels"], clip=True)
         self.letterbox = A.Compose([
-            A.LongestMaxSize(max_size=img_size),
+            # INTER_NEAREST_EXACT samples pixel centres; plain INTER_NEAREST shifts masks by half a pixel.
+            A.LongestMaxSize(max_size=img_size, mask_interpolation=cv2.INTER_NEAREST_EXACT),
             A.PadIfNeeded(img_size, img_size, position="center", border_mode=0, fill=0, fill_mask=0),
         ], bbox_params=bbox)
         self.crop = A.Compose([A.BBoxSafeRandomCrop(erosion_rate=0.0, p=crop_p)], bbox_params=bbox)
@@ -100,6 +102,11 @@ class GroundingTransform:
         bboxes, labels = ([sample["bbox"].tolist()], [0]) if "bbox" in sample else ([], [])
         h, w = image.shape[:2]
         if self.train:
+            # albumentations draws from its own generators, seeded from OS entropy unless told;
+            # seeding them from `random` puts augmentation under seed_everything (and resume).
+            seed = random.getrandbits(31)
+            self.crop.set_random_seed(seed)
+            self.color.set_random_seed(seed + 1)
             if not has_direction_word(text):
                 r = self.crop(image=image, mask=mask, bboxes=bboxes, labels=labels)
                 image, mask, bboxes = r["image"], r["mask"], r["bboxes"]

@@ -101,3 +101,15 @@ def decomposed_rel_pos_bias(
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw.to(q.dtype))  # (B, nh, q_h, q_w, k_w)
     bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, nh, q_h, q_w, k_h, k_w)
     return bias.reshape(B, nh, q_h * q_w, k_h * k_w)
+
+
+def sincos_pos_embed(grid: tuple[int, int], dim: int) -> Tensor:
+    """Fixed 2-D sine-cosine position table (MAE's), (1, H, W, C): half the channels encode the
+    row, half the column. Used to initialise `pos_embed` when no pretrained table is loaded."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (C/4,)
+    ys, xs = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64),
+                            indexing="ij")
+    enc = lambda pos: torch.cat([torch.sin(pos[..., None] * omega), torch.cos(pos[..., None] * omega)], dim=-1)
+    return torch.cat([enc(ys), enc(xs)], dim=-1).float().unsqueeze(0)  # (1, H, W, C)

@@ -15,7 +15,9 @@ from torch import Tensor, nn
 class LAPBoxHead(nn.Module):
     """Language-adaptive pooling then a 3-layer MLP to a normalised (cx, cy, w, h) box.
 
-    A = softmax_{HW}(φ_v(F_v) · φ_t(t) / √k); pooled = Σ A·F_v; box = σ(MLP(pooled)).
+    A = softmax_{HW}(φ_v(F̂_v) · φ_t(t) / √k); pooled = Σ A·F̂_v; box = σ(MLP(pooled)),
+    with F̂_v = LayerNorm(F_v): ViTDet has no final norm, and a from-scratch backbone's
+    residual stream grows, which would otherwise leave the attention logits badly scaled.
 
     Args:
         visual_dim: C.
@@ -26,6 +28,7 @@ class LAPBoxHead(nn.Module):
 
     def __init__(self, visual_dim: int, text_dim: int, attn_dim: int = 64, hidden_dim: int = 256) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(visual_dim, eps=1e-6)
         self.visual_proj = nn.Linear(visual_dim, attn_dim)
         self.text_proj = nn.Linear(text_dim, attn_dim)
         self.mlp = nn.Sequential(
@@ -39,7 +42,7 @@ class LAPBoxHead(nn.Module):
     def forward(self, features: Tensor, text_cls: Tensor) -> tuple[Tensor, Tensor]:
         """(B, H, W, C) features and (B, d_l) text -> boxes (B, 4) and attention (B, H, W)."""
         B, H, W, C = features.shape
-        tokens = features.reshape(B, H * W, C)  # (B, HW, C)
+        tokens = self.norm(features.reshape(B, H * W, C))  # (B, HW, C)
         keys = self.visual_proj(tokens)  # (B, HW, k)
         query = self.text_proj(text_cls)  # (B, k)
         logits = torch.einsum("bnk,bk->bn", keys, query) / math.sqrt(keys.shape[-1])  # (B, HW)

@@ -19,7 +19,13 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from vglaw.models.geometry import decomposed_rel_pos_bias, resize_abs_pos, window_partition, window_unpartition
+from vglaw.models.geometry import (
+    decomposed_rel_pos_bias,
+    resize_abs_pos,
+    sincos_pos_embed,
+    window_partition,
+    window_unpartition,
+)
 
 LowRank = tuple[Tensor, Tensor]  # (down: (B, C, r), up: (r, 3C))
 
@@ -197,8 +203,9 @@ class ViTDet(nn.Module):
         self.patch_size = patch_size
         self.grad_checkpointing = grad_checkpointing
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # Without pretrained weights, start from MAE's fixed sin-cos table: position is then
+        # readable from step one, which matters for "left of" / "at the top" expressions.
+        self.pos_embed = nn.Parameter(sincos_pos_embed((grid, grid), embed_dim))
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
             Block(

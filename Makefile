@@ -12,7 +12,7 @@ NODES ?= 1
 ARGS ?=
 CKPT ?=
 DATA_ROOT ?= data
-SHAPES ?= data/shapes
+SHAPES ?= data
 OUT ?= outputs/demo
 
 .PHONY: setup test test-all lint demo train eval bench bench-quick clean

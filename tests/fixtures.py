@@ -50,7 +50,8 @@ def write_refcoco(root: Path, splits=("train", "train", "val", "testA", "testB",
                      "bbox": [float(v) for v in mask_utils.toBbox(full)], "area": float(mask_utils.area(full)),
                      "iscrowd": 0})
         refs.append({"ref_id": k, "ann_id": ann_id, "image_id": image_id, "split": split, "category_id": 1,
-                     "sentences": [{"sent_id": 10 * k, "sent": "the bright thing on the left", "raw": "x", "tokens": []},
+                     "sentences": [{"sent_id": 10 * k, "sent": "the bright thing on the left", "raw": "x",
+                                    "tokens": []},
                                    {"sent_id": 10 * k + 1, "sent": "dog", "raw": "x", "tokens": []}]})
     with open(root / "refcoco" / "instances.json", "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}, f)

@@ -82,7 +82,7 @@ def peak_rss_growth(fn: Callable[[], object]) -> float | None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return None
-    read = lambda key: int(next(l for l in status.read_text().splitlines() if l.startswith(key)).split()[1])
+    read = lambda key: int(next(ln for ln in status.read_text().splitlines() if ln.startswith(key)).split()[1])
     before = read("VmRSS:")
     fn()
     return (read("VmHWM:") - before) / 1024
@@ -172,8 +172,8 @@ def scaling(name: str, batches: list[int], sizes: list[int], repeats: int) -> li
         for size in sizes:
             for batch in batches if size == model.img_size else [1]:
                 x = inputs(model, batch, size)
-                t = timeit({"f": lambda: model(*x)}, repeats)["f"]
-                mem = peak_rss_growth(lambda: model(*x))
+                t = timeit({"f": lambda x=x: model(*x)}, repeats)["f"]
+                mem = peak_rss_growth(lambda x=x: model(*x))
                 rows.append({"img_size": size, "batch": batch, "time_s": t, "img_s": batch / t, "peak_mib": mem})
     return rows
 
@@ -208,7 +208,7 @@ def gpu_section(quick: bool) -> dict | None:
         for batch in (1, 64) if quick else (1, 32, 128, 256):
             x = inputs(model, batch, device=dev)
 
-            def fwd():
+            def fwd(x=x, dtype=dtype):
                 with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
                     model(*x)
 
@@ -225,7 +225,8 @@ def gpu_section(quick: bool) -> dict | None:
 
 
 def to_markdown(r: dict) -> str:
-    lines = [f"Machine: {r['machine']}, torch {r['torch']}, {r['threads']} CPU threads; mode: {r['mode']}.", ""]
+    lines = [f"Machine: {r['machine']}, torch {r['torch']}, {r['threads']} CPU threads; mode: {r['mode']}.",
+             ""]
     lines += ["| model | params (M) | visual / text (M) | GFLOPs / pair | CPU latency b1 (ms) | CPU throughput (img/s) "
               "| CPU train step (img/s) |", "|---|---|---|---|---|---|---|"]
     for name, m in r["models"].items():
@@ -240,8 +241,8 @@ def to_markdown(r: dict) -> str:
               "|---|---|---|---|---|",
               f"| {c['adaptive_s']:.3f} s | {c['static_s']:.3f} s | {c['timm_sam_s']:.3f} s | "
               f"{c['adaptive_over_static']:.3f} | {c['static_over_timm']:.3f} |"]
-    lines += ["", "Forward scaling (CPU, vglaw_vitb):", "", "| input | batch | time (s) | img/s | peak RSS growth (MiB) |",
-              "|---|---|---|---|---|"]
+    lines += ["", "Forward scaling (CPU, vglaw_vitb):", "",
+              "| input | batch | time (s) | img/s | peak RSS growth (MiB) |", "|---|---|---|---|---|"]
     for s in r["scaling"]:
         mem = "n/a" if s["peak_mib"] is None else f"{s['peak_mib']:.0f}"
         lines.append(f"| {s['img_size']} | {s['batch']} | {s['time_s']:.3f} | {s['img_s']:.2f} | {mem} |")

@@ -101,7 +101,8 @@ def _candidate_expressions(i: int, objects: list[dict], rng: random.Random) -> d
     for j, a in enumerate(objects):
         if j == i:
             continue
-        anchor = next((d for d in (Desc(a["kind"]), Desc(a["kind"], a["color"])) if resolve(Expression(d), objects) == [j]), None)
+        anchor = next((d for d in (Desc(a["kind"]), Desc(a["kind"], a["color"]))
+                       if resolve(Expression(d), objects) == [j]), None)
         if anchor is None:
             continue
         for d in descs[:2]:

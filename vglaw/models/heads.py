@@ -26,8 +26,10 @@ class LAPBoxHead(nn.Module):
         hidden_dim: width of the MLP's two hidden layers.
     """
 
-    def __init__(self, visual_dim: int, text_dim: int, attn_dim: int = 64, hidden_dim: int = 256) -> None:
+    def __init__(self, visual_dim: int, text_dim: int, attn_dim: int = 64, hidden_dim: int = 256,
+                 logit_scale: float | None = None) -> None:
         super().__init__()
+        self.logit_scale = logit_scale if logit_scale is not None else 1 / math.sqrt(attn_dim)
         self.norm = nn.LayerNorm(visual_dim, eps=1e-6)
         self.visual_proj = nn.Linear(visual_dim, attn_dim)
         self.text_proj = nn.Linear(text_dim, attn_dim)
@@ -45,7 +47,7 @@ class LAPBoxHead(nn.Module):
         tokens = self.norm(features.reshape(B, H * W, C))  # (B, HW, C)
         keys = self.visual_proj(tokens)  # (B, HW, k)
         query = self.text_proj(text_cls)  # (B, k)
-        logits = torch.einsum("bnk,bk->bn", keys, query) / math.sqrt(keys.shape[-1])  # (B, HW)
+        logits = torch.einsum("bnk,bk->bn", keys, query) * self.logit_scale  # (B, HW)
         attn = logits.softmax(dim=-1)
         pooled = torch.einsum("bn,bnc->bc", attn, tokens)  # (B, C)
         return self.mlp(pooled).sigmoid(), attn.view(B, H, W)

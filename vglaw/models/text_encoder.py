@@ -51,7 +51,8 @@ class TextEncoder(nn.Module):
             initialised (fast for tests, and for loading a full VG-LAW checkpoint afterwards).
     """
 
-    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, num_layers: int | None = None, pretrained: bool = True):
+    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, num_layers: int | None = None,
+                 pretrained: bool = True) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel
 

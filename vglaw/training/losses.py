@@ -31,7 +31,8 @@ def mask_losses(logits: Tensor, target: Tensor) -> dict[str, Tensor]:
     return {"focal": sigmoid_focal_loss(logits, target, reduction="mean"), "dice": dice_loss(logits, target)}
 
 
-def grounding_loss(outputs: dict[str, Tensor], boxes: Tensor, masks: Tensor, weights: dict[str, float]) -> dict[str, Tensor]:
+def grounding_loss(outputs: dict[str, Tensor], boxes: Tensor, masks: Tensor,
+                   weights: dict[str, float]) -> dict[str, Tensor]:
     """Weighted total ("loss") and every unweighted term the model's outputs allow."""
     terms: dict[str, Tensor] = {}
     if "boxes" in outputs:

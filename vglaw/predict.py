@@ -101,6 +101,7 @@ def draw_overlay(image: np.ndarray, results: list[dict]) -> Image.Image:
             draw.rectangle(r["box"], outline=colour, width=width)
         x, y = (r["box"][0], max(0, r["box"][1] - 12)) if "box" in r else (2, 2 + 12 * k)
         label = r["text"] + (f" ({r['score']:.2f})" if "score" in r else "")
+        x = max(0, min(x, out.width - draw.textlength(label)))  # keep the label inside the picture
         left, top, right, bottom = draw.textbbox((x, y), label)
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
         draw.text((x, y), label, fill=colour)

@@ -204,3 +204,14 @@ def test_shapes_is_deterministic(tmp_path):
     generate(tmp_path / "b", seed=5, splits={"train": 3, "val": 1, "test": 1}, progress=False)
     for f in ("shapes/instances.json", "shapes/refs(unc).p", "images/shapes/train_000001.png"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_data_check_command(refcoco, capsys, tmp_path):
+    from vglaw.data.commands import main
+
+    root, _ = refcoco
+    assert main(["check", "--root", str(root), "--dataset", "refcoco", "--images"]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "testB" in out and " 4" in out
+    assert main(["check", "--root", str(tmp_path / "none"), "--dataset", "refcocog"]) == 2
+    assert "refs(umd).p" in capsys.readouterr().err

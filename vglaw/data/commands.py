@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from vglaw.data.refer import DEFAULT_SPLIT_BY, SPLITS, ReferDataset
 
@@ -41,7 +42,11 @@ def main(argv: list[str]) -> int:
 
         counts = generate(args.out, args.seed, {"train": args.train, "val": args.val, "test": args.test})
     else:
-        counts = check(args.root, args.dataset, args.split_by, args.images)
+        try:
+            counts = check(args.root, args.dataset, args.split_by, args.images)
+        except (FileNotFoundError, ValueError) as err:  # BadSampleError is a ValueError
+            print(f"vglaw data check: error: {err}", file=sys.stderr)
+            return 2
     print(f"{'split':<8} {'images':>8} {'refs':>8} {'sentences':>10}")
     for split, c in counts.items():
         print(f"{split:<8} {c['images']:>8} {c['refs']:>8} {c['sentences']:>10}")

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from vglaw.data.transforms import boxes_to_original, mask_to_original
 from vglaw.models import create_model
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER
+from vglaw.training.losses import grounding_loss
 from vglaw.training.metrics import GroundingMetrics, box_iou_pairwise
 
 MASK_THRESHOLD = 0.35
@@ -74,8 +75,6 @@ class VGLAWModule(pl.LightningModule):
         return self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
 
     def _losses(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
-        from vglaw.training.losses import grounding_loss
-
         return grounding_loss(outputs, batch["boxes"], batch["masks"], self.loss_weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -120,7 +119,7 @@ class VGLAWModule(pl.LightningModule):
             out["inter"], out["union"] = torch.stack(inter), torch.stack(union)
         return out
 
-    def _eval_step(self, batch: dict, dataloader_idx: int, stage: str) -> None:
+    def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
         outputs = self(batch)
         split = self._stage_splits[dataloader_idx]
         terms = self._losses(outputs, batch)
@@ -139,7 +138,7 @@ class VGLAWModule(pl.LightningModule):
         self._reset_metrics("val")
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx, "val")
+        self._eval_step(batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics()
@@ -148,7 +147,7 @@ class VGLAWModule(pl.LightningModule):
         self._reset_metrics("test")
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx, "test")
+        self._eval_step(batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics()

@@ -162,6 +162,43 @@ def test_zero_phi_blocks_gradient_to_language_path_only_through_phi(tokenizer):
     assert wg.phi_weight.grad.abs().sum() > 0
 
 
+def test_frozen_text_encoder_gets_no_gradient_and_has_no_dropout(tokenizer):
+    m = tiny(freeze_text=True).train()
+    make_phi_nonzero(m, 0.1)
+    ids, mask = encode(tokenizer, ["the red circle", "the blue square"])
+    out = m(torch.randn(2, 3, 64, 64), ids, mask)
+    (out["boxes"].sum() + out["mask_logits"].sigmoid().mean()).backward()
+    assert not m.text.bert.training
+    assert all(p.grad is None for p in m.text.parameters())
+    assert m.aggregator.queries.grad.abs().sum() > 0
+    first, _ = m.text(ids, mask)
+    second, _ = m.text(ids, mask)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_text_cache_gives_the_uncached_model_output(tokenizer):
+    texts = ["the small red circle", "the star left of the big blue square", "the red circle", "a square"]
+    plain = tiny(freeze_text=True)
+    cached = tiny(freeze_text=True, text_cache_size=3)
+    cached.load_state_dict(plain.state_dict())
+    make_phi_nonzero(plain)
+    cached.weight_generator.load_state_dict(plain.weight_generator.state_dict())
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        ids, mask = encode(tokenizer, texts)
+        want = plain(images, ids, mask)
+        for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 1, 0, 3]):  # hits, misses, a duplicate, evictions
+            got = cached(images[order], ids[order], mask[order])
+            for key in ("boxes", "mask_logits"):
+                torch.testing.assert_close(got[key], want[key][order], atol=1e-5, rtol=1e-4)
+        assert len(cached.text._cache) == 3
+        # Loading weights drops every remembered feature: they belong to the old weights.
+        cached.load_state_dict(plain.state_dict())
+        assert len(cached.text._cache) == 0
+    with pytest.raises(ValueError, match="cache_size needs frozen=True"):
+        tiny(text_cache_size=8)
+
+
 def test_conv_transpose_as_matmul_equals_module():
     from vglaw.models.heads import conv_transpose_2x2
 

@@ -6,8 +6,10 @@ Nothing is fetched from a hub when the name is a local folder or the packaged de
 from __future__ import annotations
 
 import importlib.util
+from collections import OrderedDict
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 DEFAULT_TEXT_ENCODER = "minilm"
@@ -49,10 +51,15 @@ class TextEncoder(nn.Module):
             None keeps all.
         pretrained: load the checkpoint's weights; False builds the same architecture randomly
             initialised (fast for tests, and for loading a full VG-LAW checkpoint afterwards).
+        frozen: keep the weights fixed: no gradients, no dropout, so the features are a fixed
+            function of the tokens.
+        cache_size: with `frozen`, remember the features of this many distinct expressions
+            (least recently used dropped first); 0 disables the cache. Worth it when expressions
+            repeat across epochs, as they do in training.
     """
 
     def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, num_layers: int | None = None,
-                 pretrained: bool = True) -> None:
+                 pretrained: bool = True, frozen: bool = False, cache_size: int = 0) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -68,10 +75,51 @@ class TextEncoder(nn.Module):
         # The pooler is never used; removing it keeps every parameter trainable-by-gradient.
         if getattr(self.bert, "pooler", None) is not None:
             self.bert.pooler = None
-        self.bert.train()  # from_pretrained returns eval mode; follow the parent's mode instead
         self.dim = config.hidden_size
+        if cache_size and not frozen:
+            raise ValueError("cache_size needs frozen=True: the features of a trained encoder change every step")
+        self.frozen, self.cache_size = frozen, cache_size
+        self._cache: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
+        self.bert.requires_grad_(not frozen)
+        self.train()  # from_pretrained returns eval mode; follow the parent's mode instead
+        # Loaded weights make every remembered feature stale.
+        self.register_load_state_dict_post_hook(lambda module, keys: module._cache.clear())
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        super().train(mode)
+        if self.frozen:
+            self.bert.eval()
+        return self
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, L) ids and mask -> token features (B, L, d_l) and `[CLS]` feature (B, d_l)."""
-        tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, d_l)
+        """(B, L) ids and mask -> token features (B, L, d_l) and `[CLS]` feature (B, d_l).
+
+        With `cache_size`, padding positions hold zeros; every consumer masks them.
+        """
+        if not self.frozen:
+            tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, d_l)
+        else:
+            with torch.no_grad():
+                tokens = (self._cached(input_ids, attention_mask) if self.cache_size else
+                          self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
         return tokens, tokens[:, 0]
+
+    def _cached(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Features of the real tokens of each row, from the cache or one batched pass for the misses."""
+        real = attention_mask.bool()  # (B, L)
+        keys = [tuple(row[keep].tolist()) for row, keep in zip(input_ids, real)]
+        misses = sorted({b for b, k in enumerate(keys) if k not in self._cache})
+        if misses:
+            fresh = self.bert(input_ids=input_ids[misses], attention_mask=attention_mask[misses]).last_hidden_state
+            for j, b in enumerate(misses):
+                self._cache[keys[b]] = fresh[j][real[b]]  # (n_real, d_l)
+        rows = []
+        for k in keys:
+            self._cache.move_to_end(k)
+            rows.append(self._cache[k])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        tokens = rows[0].new_zeros(*input_ids.shape, self.dim)  # (B, L, d_l)
+        for b, row in enumerate(rows):
+            tokens[b, real[b]] = row.to(tokens)
+        return tokens.to(input_ids.device)

@@ -33,6 +33,9 @@ class VGLAW(nn.Module):
         text_encoder: Hugging Face BERT name or local folder, or "minilm" (packaged, offline).
         text_layers: keep the first n text layers (paper: 6); None keeps all.
         text_pretrained: load the text encoder's pretrained weights.
+        freeze_text: keep the text encoder fixed (no gradients, no dropout); the paper trains it.
+        text_cache_size: with `freeze_text`, remember the features of this many distinct
+            expressions instead of re-encoding them every epoch (0: no cache).
         groups: G, groups of the language aggregation.
         reduction: r, d_l -> d_l / r before weight generation.
         rank: d_w of the matrix factorisation.
@@ -55,6 +58,8 @@ class VGLAW(nn.Module):
         text_encoder: str = DEFAULT_TEXT_ENCODER,
         text_layers: int | None = 6,
         text_pretrained: bool = True,
+        freeze_text: bool = False,
+        text_cache_size: int = 0,
         groups: int = 12,
         reduction: int = 16,
         rank: int = 32,
@@ -68,7 +73,7 @@ class VGLAW(nn.Module):
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         self.img_size = img_size
         self.task = task
-        self.text = TextEncoder(text_encoder, text_layers, text_pretrained)
+        self.text = TextEncoder(text_encoder, text_layers, text_pretrained, freeze_text, text_cache_size)
         self.backbone = ViTDet(
             img_size=img_size,
             patch_size=patch_size,

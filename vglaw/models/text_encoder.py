@@ -97,12 +97,14 @@ class TextEncoder(nn.Module):
         With `cache_size`, padding positions hold zeros; every consumer masks them.
         """
         if not self.frozen:
-            tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, d_l)
+            tokens = self._encode(input_ids, attention_mask)
         else:
             with torch.no_grad():
-                tokens = (self._cached(input_ids, attention_mask) if self.cache_size else
-                          self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
+                tokens = (self._cached if self.cache_size else self._encode)(input_ids, attention_mask)
         return tokens, tokens[:, 0]
+
+    def _encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, d_l)
 
     def _cached(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Features of the real tokens of each row, from the cache or one batched pass for the misses."""
@@ -110,7 +112,7 @@ class TextEncoder(nn.Module):
         keys = [tuple(row[keep].tolist()) for row, keep in zip(input_ids, real)]
         misses = sorted({b for b, k in enumerate(keys) if k not in self._cache})
         if misses:
-            fresh = self.bert(input_ids=input_ids[misses], attention_mask=attention_mask[misses]).last_hidden_state
+            fresh = self._encode(input_ids[misses], attention_mask[misses])  # (n_misses, L, d_l)
             for j, b in enumerate(misses):
                 self._cache[keys[b]] = fresh[j][real[b]]  # (n_real, d_l)
         rows = []

@@ -1,6 +1,7 @@
 """LightningModule, metrics, CLI, resume, DDP and prediction."""
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from torchvision.ops import box_iou
 from tests.conftest import TINY_ARGS
 from vglaw.cli import main
 from vglaw.data.datamodule import ReferDataModule
+from vglaw.training.losses import lap_attention_loss
 from vglaw.training.metrics import GroundingMetrics, box_iou_pairwise
 from vglaw.training.module import VGLAWModule
 
@@ -56,6 +58,33 @@ def test_measure_in_original_pixels(shapes_root):
     got = module.measure(outputs, batch)
     assert got["box_iou"].min() > 0.95
     assert (got["inter"] / got["union"]).min() > 0.9
+
+
+def test_lap_attention_loss_by_hand():
+    masks = torch.zeros(2, 8, 8)
+    masks[0, :4, :4] = 1  # exactly the top-left token of a 2x2 grid
+    masks[1, :4, :] = 1  # the two top tokens, half each
+    uniform = torch.full((2, 2, 2), 0.25)
+    assert lap_attention_loss(uniform, masks).item() == pytest.approx(math.log(4))
+    peaked = torch.tensor([[[0.97, 0.01], [0.01, 0.01]], [[0.5, 0.5], [0.0, 0.0]]])
+    expected = (-math.log(0.97) + -math.log(0.5)) / 2
+    assert lap_attention_loss(peaked, masks).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_lap_supervision_is_a_logged_term_that_trains_the_box_head(shapes_root):
+    dm = ReferDataModule(dataset="shapes", data_root=str(shapes_root), img_size=64, batch_size=2, num_workers=0)
+    batch = next(iter(dm.val_dataloader()[0]))
+    module = VGLAWModule(**TINY_ARGS, weight_lap=2.0)
+    outputs = module.model(batch["images"], batch["input_ids"], batch["attention_mask"], return_attention=True)
+    terms = module._losses(outputs, batch)
+    plain = VGLAWModule(**TINY_ARGS)._losses(outputs, batch)
+    assert "lap" in terms and "lap" not in plain
+    assert terms["loss"].item() == pytest.approx(plain["loss"].item() + 2.0 * terms["lap"].item(), rel=1e-5)
+    terms["lap"].backward()
+    assert module.model.box_head.visual_proj.weight.grad.abs().sum() > 0
+    assert module.model.box_head.mlp[0].weight.grad is None  # the term reaches the attention only
+    with pytest.raises(ValueError, match="weight_lap"):
+        VGLAWModule(**{**TINY_ARGS, "task": "mask"}, weight_lap=1.0)
 
 
 def test_nan_loss_stops_with_step_and_term(shapes_root):

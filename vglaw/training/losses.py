@@ -1,10 +1,12 @@
-"""VG-LAW's training losses: L1 + GIoU on boxes, focal + Dice on masks.
+"""VG-LAW's training losses: L1 + GIoU on boxes, focal + Dice on masks, and an optional
+supervision of the box head's pooling attention.
 
 Boxes are normalised (cx, cy, w, h); masks are logits / {0, 1} targets at input resolution.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
@@ -31,13 +33,34 @@ def mask_losses(logits: Tensor, target: Tensor) -> dict[str, Tensor]:
     return {"focal": sigmoid_focal_loss(logits, target, reduction="mean"), "dice": dice_loss(logits, target)}
 
 
+def lap_attention_loss(attention: Tensor, masks: Tensor) -> Tensor:
+    """Cross-entropy from the target's share of each token to the LAP attention, averaged.
+
+    Not in the paper: from scratch the pooling attention stays near uniform for thousands of
+    steps and the MLP learns the mean box; telling it where the referred object lies (the
+    mask's area fraction per token, normalised to sum to 1) gets the box head going.
+
+    Args:
+        attention: (B, h, w) softmax over the token grid.
+        masks: (B, H, W) {0, 1} targets at input resolution, H and W multiples of h and w.
+    """
+    share = F.adaptive_avg_pool2d(masks.float().unsqueeze(1), attention.shape[-2:]).flatten(1)  # (B, h*w)
+    target = share / share.sum(1, keepdim=True).clamp(min=1e-6)
+    return -(target * attention.float().flatten(1).clamp(min=1e-8).log()).sum(1).mean()
+
+
 def grounding_loss(outputs: dict[str, Tensor], boxes: Tensor, masks: Tensor,
                    weights: dict[str, float]) -> dict[str, Tensor]:
-    """Weighted total ("loss") and every unweighted term the model's outputs allow."""
+    """Weighted total ("loss") and every unweighted term the model's outputs allow.
+
+    The attention term ("lap") is added when the outputs hold "lap_attention" and `weights` has "lap".
+    """
     terms: dict[str, Tensor] = {}
     if "boxes" in outputs:
         terms.update(box_losses(outputs["boxes"].float(), boxes.float()))
     if "mask_logits" in outputs:
         terms.update(mask_losses(outputs["mask_logits"], masks))
+    if "lap_attention" in outputs and "lap" in weights:
+        terms["lap"] = lap_attention_loss(outputs["lap_attention"], masks)
     terms["loss"] = torch.stack([weights[k] * v for k, v in terms.items()]).sum()
     return terms

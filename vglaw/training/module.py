@@ -32,6 +32,8 @@ class VGLAWModule(pl.LightningModule):
         model_args: further `VGLAW` constructor overrides (e.g. {"text_layers": 6}).
         grad_checkpointing: recompute backbone blocks during backward to save memory.
         weight_l1, weight_giou, weight_focal, weight_dice: loss weights (paper: 1, 1, 4, 4).
+        weight_lap: weight of the box head's attention supervision (`lap_attention_loss`;
+            paper: 0, none). Needs the mask targets, so not with task "mask".
         lr_visual: learning rate of the visual backbone.
         lr_text: learning rate of the text encoder.
         lr_other: learning rate of everything else (aggregation, weight generation, heads).
@@ -54,6 +56,7 @@ class VGLAWModule(pl.LightningModule):
         weight_giou: float = 1.0,
         weight_focal: float = 4.0,
         weight_dice: float = 4.0,
+        weight_lap: float = 0.0,
         lr_visual: float = 4e-5,
         lr_text: float = 4e-5,
         lr_other: float = 4e-4,
@@ -67,7 +70,13 @@ class VGLAWModule(pl.LightningModule):
         self.model = create_model(variant, visual_weights=visual_weights, img_size=img_size, text_encoder=text_encoder,
                                   task=task, grad_checkpointing=grad_checkpointing, **(model_args or {}))
         self.img_size = img_size
+        if weight_lap < 0:
+            raise ValueError(f"weight_lap must be >= 0, got {weight_lap}")
+        if weight_lap > 0 and task == "mask":
+            raise ValueError("weight_lap supervises the box head, which task 'mask' does not have")
         self.loss_weights = {"l1": weight_l1, "giou": weight_giou, "focal": weight_focal, "dice": weight_dice}
+        if weight_lap > 0:
+            self.loss_weights["lap"] = weight_lap
         self.milestones = list(milestones if milestones is not None else [10, 60])
         self.metrics = nn.ModuleDict()
 
@@ -78,7 +87,9 @@ class VGLAWModule(pl.LightningModule):
         return grounding_loss(outputs, batch["boxes"], batch["masks"], self.loss_weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        terms = self._losses(self(batch), batch)
+        outputs = self.model(batch["images"], batch["input_ids"], batch["attention_mask"],
+                             return_attention="lap" in self.loss_weights)
+        terms = self._losses(outputs, batch)
         if not torch.isfinite(terms["loss"]):
             bad = [f"{k}={v.item()}" for k, v in terms.items() if k != "loss" and not torch.isfinite(v)]
             raise FloatingPointError(

@@ -47,6 +47,19 @@ def test_boxes_and_masks_match_pycocotools(refcoco):
             assert s["mask"].sum() > 100
 
 
+def test_cached_dataset_gives_the_same_samples_and_private_copies(refcoco):
+    root, _ = refcoco
+    plain, cached = ReferDataset(root, "refcoco", "train"), ReferDataset(root, "refcoco", "train", cache=True)
+    for _ in range(2):  # the second pass is served from the cache
+        for i in range(len(plain)):
+            a, b = plain.load(i), cached.load(i)
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["mask"], b["mask"])
+            b["image"][:] = 0  # a transform changing its input in place must not reach the cache
+            b["mask"][:] = 0
+    assert len(cached._cache) == len({s.image_id for s in cached.samples}) + len({s.ann_id for s in cached.samples})
+
+
 def test_unknown_split_and_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"refcoco/refs\(unc\)\.p.*data/README\.md"):
         ReferDataset(tmp_path, "refcoco", "val")

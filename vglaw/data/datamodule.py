@@ -65,6 +65,7 @@ class ReferDataModule(pl.LightningDataModule):
         max_tokens: expressions are truncated to this many tokens, `[CLS]` included.
         augment: random crop, flip and colour jitter for training.
         skip_invalid: drop bad samples with a counted warning instead of stopping.
+        cache_images: keep decoded images and masks in memory (per worker); for small datasets.
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class ReferDataModule(pl.LightningDataModule):
         max_tokens: int = MAX_TOKENS,
         augment: bool = True,
         skip_invalid: bool = False,
+        cache_images: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -92,7 +94,7 @@ class ReferDataModule(pl.LightningDataModule):
         self.val_splits = list(val_splits or ["val"])
         self.test_splits = list(test_splits or ["test"])
         self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
-        self.augment, self.skip_invalid = augment, skip_invalid
+        self.augment, self.skip_invalid, self.cache_images = augment, skip_invalid, cache_images
         self.collate = Collate(text_encoder, max_tokens)
         self._sets: dict[str, ReferDataset] = {}
 
@@ -101,7 +103,8 @@ class ReferDataModule(pl.LightningDataModule):
         if key not in self._sets:
             transform = GroundingTransform(self.img_size, train=train and self.augment, keep_original=not train)
             self._sets[key] = ReferDataset(self.data_root, self.dataset, name, self.split_by,
-                                           skip_invalid=self.skip_invalid and train, transform=transform)
+                                           skip_invalid=self.skip_invalid and train, transform=transform,
+                                           cache=self.cache_images)
         return self._sets[key]
 
     def _loader(self, name: str, train: bool) -> DataLoader:

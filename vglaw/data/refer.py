@@ -110,10 +110,12 @@ class ReferDataset:
         split_by: unc, umd, google or berkeley; None takes the dataset's default.
         skip_invalid: drop bad samples with one counted warning instead of raising.
         transform: callable on the sample dict returned by `load` (None returns it raw).
+        cache: keep decoded images and masks in memory after their first load (each loader
+            worker holds its own copy: for small datasets such as shapes, ~0.3 GB).
     """
 
     def __init__(self, root: str | Path, dataset: str, split: str, split_by: str | None = None,
-                 skip_invalid: bool = False, transform=None) -> None:
+                 skip_invalid: bool = False, transform=None, cache: bool = False) -> None:
         if dataset not in SPLITS:
             raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(SPLITS)}")
         split_by = split_by or DEFAULT_SPLIT_BY[dataset]
@@ -126,6 +128,7 @@ class ReferDataset:
         self.skip_invalid = skip_invalid
         self.transform = transform
         self.skipped = 0
+        self._cache: dict | None = {} if cache else None
         refs_path = self.root / dataset / f"refs({split_by}).p"
         inst_path = self.root / dataset / "instances.json"
         self.image_dir = self.root / IMAGE_DIRS[dataset]
@@ -185,15 +188,27 @@ class ReferDataset:
     def load(self, index: int) -> dict:
         """The raw sample: image (H, W, 3) uint8, text, box [x, y, w, h], mask (H, W) uint8, ids."""
         s = self.samples[index]
+        image = self._cached(("image", s.image_id), lambda: self._load_image(s))
+        mask = self._cached(("mask", s.ann_id), lambda: ann_to_mask(self.anns[s.ann_id], *image.shape[:2]))
+        return {"image": image, "text": s.text, "bbox": np.array(s.bbox, dtype=np.float32), "mask": mask,
+                "index": s.index, "ref_id": s.ref_id, "sent_id": s.sent_id, "image_id": s.image_id}
+
+    def _load_image(self, s: Sample) -> np.ndarray:
         image = load_rgb(s.image_path)
         info = self.images[s.image_id]
         h, w = image.shape[:2]
         if (h, w) != (info["height"], info["width"]):
             raise BadSampleError(f"{s.image_path} is {w}x{h} but instances.json says "
                                  f"{info['width']}x{info['height']} (image {s.image_id})")
-        mask = ann_to_mask(self.anns[s.ann_id], h, w)
-        return {"image": image, "text": s.text, "bbox": np.array(s.bbox, dtype=np.float32), "mask": mask,
-                "index": s.index, "ref_id": s.ref_id, "sent_id": s.sent_id, "image_id": s.image_id}
+        return image
+
+    def _cached(self, key: tuple, load) -> np.ndarray:
+        """`load()`, remembered under `key` when caching; callers get a copy they may change."""
+        if self._cache is None:
+            return load()
+        if key not in self._cache:
+            self._cache[key] = load()
+        return self._cache[key].copy()
 
     def __getitem__(self, index: int) -> dict:
         try:

@@ -90,10 +90,16 @@ class GroundingTransform:
             A.LongestMaxSize(max_size=img_size, mask_interpolation=cv2.INTER_NEAREST_EXACT),
             A.PadIfNeeded(img_size, img_size, position="center", border_mode=0, fill=0, fill_mask=0),
         ], bbox_params=bbox)
-        self.crop = A.Compose([A.BBoxSafeRandomCrop(erosion_rate=0.0, p=crop_p)], bbox_params=bbox)
-        self.flip = A.Compose([A.HorizontalFlip(p=1.0)], bbox_params=bbox)
-        self.color = A.Compose([A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.0,
-                                              p=color_jitter_p)])
+        # One pipeline per (crop allowed, flip drawn): each albumentations call costs ~1 ms of
+        # bookkeeping, so a sample goes through one augmentation call, not one per transform.
+        self.augment = {
+            (crop, flip): A.Compose(
+                ([A.BBoxSafeRandomCrop(erosion_rate=0.0, p=crop_p)] if crop else [])
+                + ([A.HorizontalFlip(p=1.0)] if flip else [])
+                + [A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.0, p=color_jitter_p)],
+                bbox_params=bbox)
+            for crop in (False, True) for flip in (False, True)
+        }
         self.normalize = A.Normalize()  # ImageNet mean and std
 
     def __call__(self, sample: dict) -> dict:
@@ -105,15 +111,13 @@ class GroundingTransform:
             # albumentations draws from its own generators, seeded from OS entropy unless told;
             # seeding them from `random` puts augmentation under seed_everything (and resume).
             seed = random.getrandbits(31)
-            self.crop.set_random_seed(seed)
-            self.color.set_random_seed(seed + 1)
-            if not has_direction_word(text):
-                r = self.crop(image=image, mask=mask, bboxes=bboxes, labels=labels)
-                image, mask, bboxes = r["image"], r["mask"], r["bboxes"]
-            if random.random() < self.flip_p:
-                r = self.flip(image=image, mask=mask, bboxes=bboxes, labels=labels)
-                image, mask, bboxes, text = r["image"], r["mask"], r["bboxes"], flip_text(text)
-            image = self.color(image=image)["image"]
+            flip = random.random() < self.flip_p
+            augment = self.augment[(not has_direction_word(text), flip)]
+            augment.set_random_seed(seed)
+            r = augment(image=image, mask=mask, bboxes=bboxes, labels=labels)
+            image, mask, bboxes = r["image"], r["mask"], r["bboxes"]
+            if flip:
+                text = flip_text(text)
         ch, cw = image.shape[:2]
         r = self.letterbox(image=image, mask=mask, bboxes=bboxes, labels=labels)
         new_h = round(ch * min(self.img_size / ch, self.img_size / cw))

@@ -196,7 +196,8 @@ def test_predict_end_to_end(shapes_root, tiny_ckpt, tmp_path, capsys):
         x1, y1, x2, y2 = r["box"]
         assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h
         assert r["mask_rle"]["size"] == [h, w] and 0 <= r["score"] <= 1
-    assert Image.open(out).size == (w, h)
+    zoom = -(-512 // max(w, h))  # small images are drawn enlarged so the text fits
+    assert Image.open(out).size == (w * zoom, h * zoom)
 
 
 def test_predict_honours_exif_orientation(tiny_ckpt, tmp_path, capsys):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -85,21 +86,32 @@ def predict(module: VGLAWModule, image: np.ndarray, texts: list[str]) -> list[di
     return results
 
 
+OVERLAY_MIN_SIDE = 512  # smaller pictures are enlarged so the expressions fit as text
+
+
 def draw_overlay(image: np.ndarray, results: list[dict]) -> Image.Image:
-    """The image with each expression's mask, box and text in its own colour."""
+    """The image with each expression's mask, box and text in its own colour.
+
+    An image whose longer side is under `OVERLAY_MIN_SIDE` is enlarged by an integer factor
+    (nearest neighbour, so pixels stay sharp) before drawing; boxes are scaled with it.
+    """
     canvas = image.astype(np.float32)
     for k, r in enumerate(results):
         if "mask" in r:
             colour = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
             canvas[r["mask"]] = 0.5 * canvas[r["mask"]] + 0.5 * colour
     out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    zoom = max(1, math.ceil(OVERLAY_MIN_SIDE / max(image.shape[:2])))
+    if zoom > 1:
+        out = out.resize((out.width * zoom, out.height * zoom), Image.NEAREST)
     draw = ImageDraw.Draw(out)
-    width = max(1, round(max(image.shape[:2]) / 200))
+    width = max(1, round(max(out.size) / 200))
     for k, r in enumerate(results):
         colour = PALETTE[k % len(PALETTE)]
-        if "box" in r:
-            draw.rectangle(r["box"], outline=colour, width=width)
-        x, y = (r["box"][0], max(0, r["box"][1] - 12)) if "box" in r else (2, 2 + 12 * k)
+        box = [v * zoom for v in r["box"]] if "box" in r else None
+        if box is not None:
+            draw.rectangle(box, outline=colour, width=width)
+        x, y = (box[0], max(0, box[1] - 12)) if box is not None else (2, 2 + 12 * k)
         label = r["text"] + (f" ({r['score']:.2f})" if "score" in r else "")
         x = max(0, min(x, out.width - draw.textlength(label)))  # keep the label inside the picture
         left, top, right, bottom = draw.textbbox((x, y), label)

@@ -80,16 +80,15 @@ class VGLAWModule(pl.LightningModule):
         self.milestones = list(milestones if milestones is not None else [10, 60])
         self.metrics = nn.ModuleDict()
 
-    def forward(self, batch: dict) -> dict[str, Tensor]:
-        return self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
+    def forward(self, batch: dict, return_attention: bool = False) -> dict[str, Tensor]:
+        return self.model(batch["images"], batch["input_ids"], batch["attention_mask"], return_attention)
 
     def _losses(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
         return grounding_loss(outputs, batch["boxes"], batch["masks"], self.loss_weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        outputs = self.model(batch["images"], batch["input_ids"], batch["attention_mask"],
-                             return_attention="lap" in self.loss_weights)
-        terms = self._losses(outputs, batch)
+        # The attention supervision needs the box head's pooling map.
+        terms = self._losses(self(batch, return_attention="lap" in self.loss_weights), batch)
         if not torch.isfinite(terms["loss"]):
             bad = [f"{k}={v.item()}" for k, v in terms.items() if k != "loss" and not torch.isfinite(v)]
             raise FloatingPointError(

@@ -59,6 +59,30 @@ def test_unknown_variant_and_task():
         vglaw.create_model("vglaw_tiny", task="caption")
 
 
+def test_from_scratch_options_are_checked():
+    with pytest.raises(ValueError, match="text_pool"):
+        tiny(text_pool="max")
+    with pytest.raises(ValueError, match="mask_skip needs stem='conv'"):
+        tiny(mask_skip=True)
+    with pytest.raises(ValueError, match="stem must be"):
+        tiny(stem="resnet")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ViTDet(img_size=36, patch_size=6, embed_dim=32, depth=1, num_heads=2, stem="conv")
+
+
+def test_mean_pooled_sentence_feature_is_the_mean_of_real_tokens(tokenizer):
+    """With text_pool="mean" the heads read the padding-free token mean, not `[CLS]`."""
+    m = tiny(text_pool="mean")
+    ids, mask = encode(tokenizer, ["the small red circle"], pad_to=12)
+    seen = {}
+    m.mask_head.register_forward_pre_hook(lambda module, args: seen.update(sentence=args[1]))
+    with torch.no_grad():
+        m(torch.randn(1, 3, 64, 64), ids, mask)
+        tokens, _ = m.text(ids, mask)
+    n = int(mask.sum())
+    torch.testing.assert_close(seen["sentence"], tokens[:, :n].mean(1))
+
+
 def test_zero_phi_backbone_is_plain_vitdet(model, tokenizer):
     """At initialisation Φ = 0, so the language-adaptive backbone equals the static one."""
     ids, mask = encode(tokenizer, ["the red circle", "the big blue star left of the square"])
@@ -119,8 +143,14 @@ def test_factored_qkv_equals_materialised_weight(model, tokenizer):
             model.weight_generator.phi_bias.zero_()
 
 
-def test_samples_are_independent_of_batch_and_padding(tokenizer):
-    m = tiny()
+# The paper's model, and the options for training from scratch (conv stem, stride-4 skip into
+# the mask head, mean-pooled sentence feature for the heads).
+FROM_SCRATCH = dict(stem="conv", mask_skip=True, text_pool="mean")
+
+
+@pytest.mark.parametrize("options", [{}, FROM_SCRATCH], ids=["paper", "from_scratch"])
+def test_samples_are_independent_of_batch_and_padding(tokenizer, options):
+    m = tiny(**options)
     make_phi_nonzero(m)
     texts = ["the small red circle", "the star left of the big blue square at the top"]
     images = torch.randn(2, 3, 64, 64)
@@ -140,8 +170,9 @@ def test_samples_are_independent_of_batch_and_padding(tokenizer):
         assert (swapped["boxes"] - batch["boxes"]).abs().amax() > 1e-4
 
 
-def test_every_parameter_gets_a_gradient(tokenizer):
-    m = tiny()
+@pytest.mark.parametrize("options", [{}, FROM_SCRATCH], ids=["paper", "from_scratch"])
+def test_every_parameter_gets_a_gradient(tokenizer, options):
+    m = tiny(**options)
     make_phi_nonzero(m, 0.1)
     m.train()
     ids, mask = encode(tokenizer, ["the red circle", "the blue square"])

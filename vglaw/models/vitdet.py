@@ -160,6 +160,29 @@ class PatchEmbed(nn.Module):
         return self.proj(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, C)
 
 
+class ConvStem(nn.Module):
+    """Two overlapping stride-2 convolutions, then non-overlapping patches of the stride-4 map:
+    (B, 3, H, W) -> (B, H/p, W/p, C), plus the stride-4 map (B, C/4, H/4, W/4) itself.
+
+    Not ViTDet's: for backbones trained from scratch, where a linear patch embedding has to
+    learn shapes smaller than two patches across from few examples ("early convolutions",
+    Xiao et al., 2021). Pretrained checkpoints carry a `PatchEmbed`, so they do not load into it.
+    """
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+        super().__init__()
+        if patch_size % 4:
+            raise ValueError(f"the conv stem needs a patch size divisible by 4, got {patch_size}")
+        self.out_dim = embed_dim // 4
+        self.conv1 = nn.Conv2d(in_chans, embed_dim // 8, kernel_size=3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(embed_dim // 8, self.out_dim, kernel_size=3, stride=2, padding=1)
+        self.proj = nn.Conv2d(self.out_dim, embed_dim, kernel_size=patch_size // 4, stride=patch_size // 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        s4 = F.gelu(self.conv2(F.gelu(self.conv1(x))))  # (B, C/4, H/4, W/4)
+        return self.proj(s4).permute(0, 2, 3, 1), s4  # (B, H/p, W/p, C), (B, C/4, H/4, W/4)
+
+
 class ViTDet(nn.Module):
     """Plain ViT backbone of ViTDet (Li et al., 2022) with language-adaptive qkv.
 
@@ -177,6 +200,8 @@ class ViTDet(nn.Module):
         window_block_indexes: blocks using window attention; the others attend globally.
         use_rel_pos: add decomposed relative position bias.
         grad_checkpointing: recompute blocks in backward to save activation memory.
+        stem: "patch" (ViTDet: one strided convolution) or "conv" (`ConvStem`, for training
+            from scratch; it also hands the mask head a stride-4 map).
     """
 
     def __init__(
@@ -194,15 +219,19 @@ class ViTDet(nn.Module):
         window_block_indexes: Sequence[int] = (0, 1, 3, 4, 6, 7, 9, 10),
         use_rel_pos: bool = True,
         grad_checkpointing: bool = False,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         grid = img_size // patch_size
         self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.grad_checkpointing = grad_checkpointing
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.stem = stem
+        self.patch_embed = (PatchEmbed if stem == "patch" else ConvStem)(patch_size, in_chans, embed_dim)
         # Without pretrained weights, start from MAE's fixed sin-cos table: position is then
         # readable from step one, which matters for "left of" / "at the top" expressions.
         self.pos_embed = nn.Parameter(sincos_pos_embed((grid, grid), embed_dim))
@@ -232,20 +261,27 @@ class ViTDet(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, images: Tensor, qkv_low_rank: Sequence[LowRank] | None = None) -> Tensor:
+    def forward(self, images: Tensor, qkv_low_rank: Sequence[LowRank] | None = None,
+                return_stem: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Encode images.
 
         Args:
             images: (B, 3, H, W), H and W multiples of the patch size.
             qkv_low_rank: one (down, up) pair per block for language-adaptive weights, or None
                 for the static backbone.
+            return_stem: also return the conv stem's stride-4 map (B, C/4, H/4, W/4).
 
         Returns:
-            (B, H/p, W/p, C) features.
+            (B, H/p, W/p, C) features, and the stride-4 map if asked.
         """
         if qkv_low_rank is not None and len(qkv_low_rank) != len(self.blocks):
             raise ValueError(f"got {len(qkv_low_rank)} low-rank updates for {len(self.blocks)} blocks")
-        x = self.patch_embed(images)  # (B, h, w, C)
+        if return_stem and self.stem != "conv":
+            raise ValueError("return_stem needs stem='conv'")
+        if self.stem == "conv":
+            x, s4 = self.patch_embed(images)  # (B, h, w, C), (B, C/4, H/4, W/4)
+        else:
+            x, s4 = self.patch_embed(images), None
         x = x + resize_abs_pos(self.pos_embed, x.shape[1:3])
         for i, block in enumerate(self.blocks):
             low_rank = None if qkv_low_rank is None else qkv_low_rank[i]
@@ -253,4 +289,4 @@ class ViTDet(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, low_rank, use_reentrant=False)
             else:
                 x = block(x, low_rank)
-        return x
+        return (x, s4) if return_stem else x

@@ -10,6 +10,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from tests.fixtures import coco_name, write_refcoco
+from vglaw.data.datamodule import ReferDataModule
 from vglaw.data.expressions import parse, resolve
 from vglaw.data.refer import BadSampleError, ReferDataset, load_rgb
 from vglaw.data.transforms import GroundingTransform, boxes_to_original, flip_text, has_direction_word, mask_to_original
@@ -179,6 +180,21 @@ def test_crop_never_applied_with_direction_word(refcoco):
     random.seed(0)
     sizes = {tuple(t(raw)["orig_size"].tolist()) for _ in range(5)}
     assert sizes != {tuple(raw["image"].shape[:2])}
+
+
+def test_crop_p_zero_never_crops(refcoco):
+    """Shapes trains with crop_p=0: a crop rescales the image, and "small" / "big" are absolute there."""
+    root, _ = refcoco
+
+    def cropped(crop_p):
+        ds = ReferDataModule(dataset="refcoco", data_root=str(root), img_size=96, crop_p=crop_p).split("train", True)
+        random.seed(0)
+        return sum(ds[i]["orig_size"].tolist() != list(ds.load(i)["image"].shape[:2]) for i in range(len(ds)))
+
+    assert cropped(1.0) > 0  # the check can fail: with crop_p=1 samples without direction words are cropped
+    assert cropped(0.0) == 0
+    with pytest.raises(ValueError, match="crop_p"):
+        ReferDataModule(dataset="refcoco", data_root=str(root), crop_p=1.5)
 
 
 def test_shapes_every_expression_is_unique(tmp_path):

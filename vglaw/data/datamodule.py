@@ -64,6 +64,9 @@ class ReferDataModule(pl.LightningDataModule):
         text_encoder: tokenizer source, the same name or folder as the model's text encoder.
         max_tokens: expressions are truncated to this many tokens, `[CLS]` included.
         augment: random crop, flip and colour jitter for training.
+        crop_p: probability of the random box-safe crop (never applied to expressions with a
+            direction word). A crop is resized back to the input size, so it changes how big
+            everything looks: set 0 where size is absolute, as "small" / "big" are in shapes.
         skip_invalid: drop bad samples with a counted warning instead of stopping.
         cache_images: keep decoded images and masks in memory (per worker); for small datasets.
     """
@@ -83,6 +86,7 @@ class ReferDataModule(pl.LightningDataModule):
         text_encoder: str = DEFAULT_TEXT_ENCODER,
         max_tokens: int = MAX_TOKENS,
         augment: bool = True,
+        crop_p: float = 0.5,
         skip_invalid: bool = False,
         cache_images: bool = False,
     ) -> None:
@@ -94,14 +98,18 @@ class ReferDataModule(pl.LightningDataModule):
         self.val_splits = list(val_splits or ["val"])
         self.test_splits = list(test_splits or ["test"])
         self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
-        self.augment, self.skip_invalid, self.cache_images = augment, skip_invalid, cache_images
+        if not 0.0 <= crop_p <= 1.0:
+            raise ValueError(f"crop_p must be in [0, 1], got {crop_p}")
+        self.augment, self.crop_p = augment, crop_p
+        self.skip_invalid, self.cache_images = skip_invalid, cache_images
         self.collate = Collate(text_encoder, max_tokens)
         self._sets: dict[str, ReferDataset] = {}
 
     def split(self, name: str, train: bool = False) -> ReferDataset:
         key = f"{name}:{train}"
         if key not in self._sets:
-            transform = GroundingTransform(self.img_size, train=train and self.augment, keep_original=not train)
+            transform = GroundingTransform(self.img_size, train=train and self.augment, crop_p=self.crop_p,
+                                           keep_original=not train)
             self._sets[key] = ReferDataset(self.data_root, self.dataset, name, self.split_by,
                                            skip_invalid=self.skip_invalid and train, transform=transform,
                                            cache=self.cache_images)

@@ -1,6 +1,7 @@
 """Language backbone: any Hugging Face BERT-like encoder, loaded by hub name or local path.
 
-Layout: token features are (B, L, d_l); the `[CLS]` feature is token 0.
+Layout: token features are (B, L, d_l); the sentence feature (B, d_l) is token 0 (`[CLS]`) or the
+mean of the real tokens.
 Nothing is fetched from a hub when the name is a local folder or the packaged default.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 DEFAULT_TEXT_ENCODER = "minilm"
 MAX_TOKENS = 40
+POOLS = ("cls", "mean")
 
 
 def resolve_text_encoder(name_or_path: str) -> str:
@@ -43,7 +45,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_TEXT_ENCODER):
 
 
 class TextEncoder(nn.Module):
-    """A BERT-like encoder returning every token feature and the `[CLS]` feature.
+    """A BERT-like encoder returning every token feature and a sentence feature.
 
     Args:
         name_or_path: hub name, local folder, or "minilm" for the packaged all-MiniLM-L6-v2.
@@ -56,11 +58,17 @@ class TextEncoder(nn.Module):
         cache_size: with `frozen`, remember the features of this many distinct expressions
             (least recently used dropped first); 0 disables the cache. Worth it when expressions
             repeat across epochs, as they do in training.
+        pool: the sentence feature: "cls" (paper: the `[CLS]` feature) or "mean" (the mean of
+            the real tokens' features, what sentence models such as MiniLM are trained to
+            separate; the better choice when the encoder is frozen).
     """
 
     def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, num_layers: int | None = None,
-                 pretrained: bool = True, frozen: bool = False, cache_size: int = 0) -> None:
+                 pretrained: bool = True, frozen: bool = False, cache_size: int = 0, pool: str = "cls") -> None:
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"text_pool must be one of {POOLS}, got {pool!r}")
+        self.pool = pool
         from transformers import AutoConfig, AutoModel
 
         path = resolve_text_encoder(name_or_path)
@@ -92,7 +100,7 @@ class TextEncoder(nn.Module):
         return self
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, L) ids and mask -> token features (B, L, d_l) and `[CLS]` feature (B, d_l).
+        """(B, L) ids and mask -> token features (B, L, d_l) and sentence feature (B, d_l).
 
         With `cache_size`, padding positions hold zeros; every consumer masks them.
         """
@@ -101,7 +109,10 @@ class TextEncoder(nn.Module):
         else:
             with torch.no_grad():
                 tokens = (self._cached if self.cache_size else self._encode)(input_ids, attention_mask)
-        return tokens, tokens[:, 0]
+        if self.pool == "cls":
+            return tokens, tokens[:, 0]
+        real = attention_mask.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
+        return tokens, (tokens * real).sum(1) / real.sum(1).clamp(min=1)
 
     def _encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, d_l)

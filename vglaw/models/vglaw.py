@@ -16,7 +16,6 @@ from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder
 from vglaw.models.vitdet import ViTDet
 
 TASKS = ("both", "box", "mask")
-TEXT_POOLS = ("cls", "mean")
 
 
 class VGLAW(nn.Module):
@@ -43,9 +42,7 @@ class VGLAW(nn.Module):
         lap_dim: k, the attention width of the box head's language-adaptive pooling.
         mask_dim: channels between the mask head's two transposed convolutions (paper: 256).
         task: "both" (REC and RES), "box" (REC only) or "mask" (RES only).
-        text_pool: the sentence feature the heads read: "cls" (paper: the `[CLS]` feature) or
-            "mean" (the mean of the real tokens' features; what sentence models such as MiniLM
-            are trained to separate, so the better choice when the text encoder is frozen).
+        text_pool: the sentence feature the heads read: "cls" (paper) or "mean" (see `TextEncoder`).
         grad_checkpointing: recompute backbone blocks during backward.
         stem: "patch" (ViTDet) or "conv" (`ConvStem`, for backbones trained from scratch).
         mask_skip: feed the conv stem's stride-4 map to the mask head (needs stem="conv").
@@ -80,15 +77,12 @@ class VGLAW(nn.Module):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if text_pool not in TEXT_POOLS:
-            raise ValueError(f"text_pool must be one of {TEXT_POOLS}, got {text_pool!r}")
-        self.text_pool = text_pool
         if mask_skip and (stem != "conv" or task == "box"):
             raise ValueError("mask_skip needs stem='conv' and a mask task")
         self.mask_skip = mask_skip
         self.img_size = img_size
         self.task = task
-        self.text = TextEncoder(text_encoder, text_layers, text_pretrained, freeze_text, text_cache_size)
+        self.text = TextEncoder(text_encoder, text_layers, text_pretrained, freeze_text, text_cache_size, text_pool)
         self.backbone = ViTDet(
             img_size=img_size,
             patch_size=patch_size,
@@ -123,20 +117,17 @@ class VGLAW(nn.Module):
             "boxes": (B, 4) normalised (cx, cy, w, h) in [0, 1] of the padded input (box tasks);
             "mask_logits": (B, 1, H, W) at input resolution (mask tasks).
         """
-        tokens, sentence = self.text(input_ids, attention_mask)  # (B, L, d_l), (B, d_l) [CLS]
-        if self.text_pool == "mean":
-            real = attention_mask.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
-            sentence = (tokens * real).sum(1) / real.sum(1).clamp(min=1)  # (B, d_l)
+        tokens, sentence = self.text(input_ids, attention_mask)  # (B, L, d_l), (B, d_l)
         h1, alpha = self.aggregator(tokens, attention_mask, return_attention=True)  # (B, depth, d_l/r)
-        features = self.backbone(images, self.weight_generator(h1), return_stem=self.mask_skip)  # (B, h, w, C)
-        features, skip = features if self.mask_skip else (features, None)
+        features, stem = self.backbone(images, self.weight_generator(h1), return_stem=True)  # (B, h, w, C)
         out: dict[str, Tensor] = {}
         if self.box_head is not None:
             out["boxes"], lap = self.box_head(features, sentence)
             if return_attention:
                 out["lap_attention"] = lap
         if self.mask_head is not None:
-            out["mask_logits"] = self.mask_head(features, sentence, images.shape[-2:], skip)
+            out["mask_logits"] = self.mask_head(features, sentence, images.shape[-2:],
+                                                 stem if self.mask_skip else None)
         if return_attention:
             out["lang_attention"] = alpha
         return out

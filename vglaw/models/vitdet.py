@@ -150,14 +150,17 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches by a strided convolution: (B, 3, H, W) -> (B, H/p, W/p, C)."""
+    """Non-overlapping patches by a strided convolution: (B, 3, H, W) -> (B, H/p, W/p, C).
+
+    Returns the tokens and None, the same pair as `ConvStem` (which has a stride-4 map to hand on).
+    """
 
     def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, C)
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return self.proj(x).permute(0, 2, 3, 1), None  # (B, H/p, W/p, C)
 
 
 class ConvStem(nn.Module):
@@ -230,7 +233,6 @@ class ViTDet(nn.Module):
         self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.grad_checkpointing = grad_checkpointing
-        self.stem = stem
         self.patch_embed = (PatchEmbed if stem == "patch" else ConvStem)(patch_size, in_chans, embed_dim)
         # Without pretrained weights, start from MAE's fixed sin-cos table: position is then
         # readable from step one, which matters for "left of" / "at the top" expressions.
@@ -262,26 +264,22 @@ class ViTDet(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, images: Tensor, qkv_low_rank: Sequence[LowRank] | None = None,
-                return_stem: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                return_stem: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
         """Encode images.
 
         Args:
             images: (B, 3, H, W), H and W multiples of the patch size.
             qkv_low_rank: one (down, up) pair per block for language-adaptive weights, or None
                 for the static backbone.
-            return_stem: also return the conv stem's stride-4 map (B, C/4, H/4, W/4).
+            return_stem: also return the conv stem's stride-4 map (B, C/4, H/4, W/4), None with
+                the patch stem.
 
         Returns:
             (B, H/p, W/p, C) features, and the stride-4 map if asked.
         """
         if qkv_low_rank is not None and len(qkv_low_rank) != len(self.blocks):
             raise ValueError(f"got {len(qkv_low_rank)} low-rank updates for {len(self.blocks)} blocks")
-        if return_stem and self.stem != "conv":
-            raise ValueError("return_stem needs stem='conv'")
-        if self.stem == "conv":
-            x, s4 = self.patch_embed(images)  # (B, h, w, C), (B, C/4, H/4, W/4)
-        else:
-            x, s4 = self.patch_embed(images), None
+        x, s4 = self.patch_embed(images)  # (B, h, w, C), and (B, C/4, H/4, W/4) or None
         x = x + resize_abs_pos(self.pos_embed, x.shape[1:3])
         for i, block in enumerate(self.blocks):
             low_rank = None if qkv_low_rank is None else qkv_low_rank[i]

@@ -157,6 +157,56 @@ def test_flip_keeps_image_box_mask_and_text_consistent(refcoco):
     assert abs((cy - bh / 2) - ys.min().item()) <= 1.5
 
 
+def test_category_maps_rank_categories_paint_small_on_top_and_ignore_crowds(refcoco):
+    root, data = refcoco
+    inst_path = root / "refcoco" / "instances.json"
+    inst = json.loads(inst_path.read_text())
+    image = inst["images"][0]  # 80 x 60, the first train ref's image
+    h, w = image["height"], image["width"]
+
+    def rect(ann_id, category, x0, y0, x1, y1, crowd=0):
+        poly = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+        return {"id": ann_id, "image_id": image["id"], "category_id": category, "segmentation": poly,
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float((x1 - x0) * (y1 - y0)), "iscrowd": crowd}
+
+    # COCO-style ids with a gap: 90 ranks second. The large object lies under the referred one.
+    inst["categories"] = [{"id": 90, "name": "table"}, {"id": 1, "name": "thing"}]
+    inst["annotations"] += [rect(9001, 90, 0, 0, 60, 45), rect(9002, 1, 70, 50, 80, 60, crowd=1)]
+    inst_path.write_text(json.dumps(inst))
+    ds = ReferDataset(root, "refcoco", "train", categories=True)
+    assert ds.num_categories == 3
+    raw = ds.load(0)
+    cats, mask = raw["categories"], raw["mask"].astype(bool)
+    assert cats.shape == (h, w) and cats.dtype == np.uint8
+    table = mask_utils.decode(mask_utils.frPyObjects([[0, 0, 60, 0, 60, 45, 0, 45]], h, w)).max(-1).astype(bool)
+    assert (cats[mask] == 1).all()  # the smaller object is painted last
+    assert (cats[table & ~mask] == 2).all()
+    assert (cats[52:58, 72:78] == 255).all()  # crowd: ignored
+    assert (cats[~table & ~mask & (cats != 255)] == 0).all() and (cats == 0).any()
+    assert "categories" not in ReferDataset(root, "refcoco", "train").load(0)
+
+    inst["annotations"][-1]["category_id"] = 7
+    inst_path.write_text(json.dumps(inst))
+    with pytest.raises(ValueError, match=r"annotation 9002 in .*instances.json has category_id 7"):
+        ReferDataset(root, "refcoco", "train", categories=True)
+
+
+def test_category_map_follows_flip_and_letterbox(refcoco):
+    root, _ = refcoco
+    dm = ReferDataModule(dataset="refcoco", data_root=str(root), img_size=96, batch_size=2, num_workers=0,
+                         categories=True)
+    raw = dm.split("train", train=True).load(0)
+    flipped = GroundingTransform(96, train=True, crop_p=0.0, flip_p=1.0, color_jitter_p=0.0)(raw)
+    plain = GroundingTransform(96)(raw)
+    assert plain["categories"].dtype == torch.int64 and plain["categories"].shape == (96, 96)
+    torch.testing.assert_close(flipped["categories"], plain["categories"].flip(-1))
+    for out in (flipped, plain):  # resampled with the mask: the referred object keeps its category
+        assert (out["categories"][out["mask"] > 0] == 1).all()
+        assert (out["categories"][out["mask"] == 0] == 0).all()  # one object per image in this fixture
+    batch = next(iter(dm.val_dataloader()[0]))
+    assert batch["categories"].shape == (2, 96, 96)
+
+
 def test_letterbox_inverse_within_one_pixel(refcoco):
     root, _ = refcoco
     ds = ReferDataset(root, "refcoco", "testB")

@@ -2,7 +2,8 @@
 
 Batches hold: "images" (B, 3, S, S), "masks" (B, S, S), "boxes" (B, 4) normalised cxcywh,
 "input_ids" / "attention_mask" (B, L <= 40), the letterbox records "scale", "pad",
-"orig_size" (B, 2), "index" (B,) sentence index in its split, "texts"; evaluation batches also
+"orig_size" (B, 2), "index" (B,) sentence index in its split, "texts"; with `categories`,
+"categories" (B, S, S) int64 category maps (see `vglaw.data.refer`); evaluation batches also
 "orig_boxes" (B, 4) xyxy and "orig_masks" (a list of (h, w) uint8 masks).
 """
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Collate:
             "index": torch.tensor([s["index"] for s in samples]),
             "texts": texts,
         }
+        if "categories" in samples[0]:
+            batch["categories"] = torch.stack([s["categories"] for s in samples])
         if "orig_box" in samples[0]:
             batch["orig_boxes"] = torch.stack([s["orig_box"] for s in samples])
             batch["orig_masks"] = [s["orig_mask"] for s in samples]
@@ -69,6 +72,8 @@ class ReferDataModule(pl.LightningDataModule):
             everything looks: set 0 where size is absolute, as "small" / "big" are in shapes.
         skip_invalid: drop bad samples with a counted warning instead of stopping.
         cache_images: keep decoded images and masks in memory (per worker); for small datasets.
+        categories: add category maps of every annotated object ("categories"), the target of
+            the model's auxiliary segmentation loss (`VGLAWModule.weight_seg`).
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class ReferDataModule(pl.LightningDataModule):
         crop_p: float = 0.5,
         skip_invalid: bool = False,
         cache_images: bool = False,
+        categories: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -101,7 +107,7 @@ class ReferDataModule(pl.LightningDataModule):
         if not 0.0 <= crop_p <= 1.0:
             raise ValueError(f"crop_p must be in [0, 1], got {crop_p}")
         self.augment, self.crop_p = augment, crop_p
-        self.skip_invalid, self.cache_images = skip_invalid, cache_images
+        self.skip_invalid, self.cache_images, self.categories = skip_invalid, cache_images, categories
         self.collate = Collate(text_encoder, max_tokens)
         self._sets: dict[str, ReferDataset] = {}
 
@@ -112,7 +118,7 @@ class ReferDataModule(pl.LightningDataModule):
                                            keep_original=not train)
             self._sets[key] = ReferDataset(self.data_root, self.dataset, name, self.split_by,
                                            skip_invalid=self.skip_invalid and train, transform=transform,
-                                           cache=self.cache_images)
+                                           cache=self.cache_images, categories=self.categories)
         return self._sets[key]
 
     def _loader(self, name: str, train: bool) -> DataLoader:

@@ -5,7 +5,9 @@ the embedded shapes dataset.
     <root>/<dataset>/instances.json      COCO-style images, annotations (bbox, polygons or RLE)
     <root>/<IMAGE_DIRS[dataset]>/<file_name>
 
-One sample per sentence. Boxes are COCO [x, y, w, h] in original pixels; masks (H, W) uint8.
+One sample per sentence. Boxes are COCO [x, y, w, h] in original pixels; masks (H, W) uint8;
+optional category maps (H, W) uint8 of every annotation of the image (0 background, 1 + the
+category's rank among instances.json's categories, 255 crowd regions to ignore).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ IMAGE_DIRS = {
     "shapes": "images/shapes",
 }
 HOW_TO_GET = "see data/README.md for where to download it and the expected layout"
+IGNORE = 255  # category-map value of crowd regions: no loss there
 
 
 class BadSampleError(ValueError):
@@ -112,10 +115,12 @@ class ReferDataset:
         transform: callable on the sample dict returned by `load` (None returns it raw).
         cache: keep decoded images and masks in memory after their first load (each loader
             worker holds its own copy: for small datasets such as shapes, ~0.3 GB).
+        categories: add each sample's category map ("categories", see the module docstring),
+            the target of the auxiliary segmentation loss.
     """
 
     def __init__(self, root: str | Path, dataset: str, split: str, split_by: str | None = None,
-                 skip_invalid: bool = False, transform=None, cache: bool = False) -> None:
+                 skip_invalid: bool = False, transform=None, cache: bool = False, categories: bool = False) -> None:
         if dataset not in SPLITS:
             raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(SPLITS)}")
         split_by = split_by or DEFAULT_SPLIT_BY[dataset]
@@ -141,7 +146,45 @@ class ReferDataset:
             inst = json.load(f)
         self.images = {im["id"]: im for im in inst["images"]}
         self.anns = {a["id"]: a for a in inst["annotations"]}
+        self.with_categories = categories
+        if categories:
+            self.category_ids = self._category_ids(inst, inst_path)
+            self.image_anns: dict[int, list[dict]] = {}
+            for a in inst["annotations"]:
+                self.image_anns.setdefault(a["image_id"], []).append(a)
         self.samples = self._index(refs, refs_path, inst_path)
+
+    @staticmethod
+    def _category_ids(inst: dict, inst_path: Path) -> list[int]:
+        """Category ids in rank order (map value - 1); COCO's 80 ids run from 1 to 90 with gaps."""
+        if "categories" not in inst:
+            raise KeyError(f"{inst_path} has no 'categories' list, which the category maps need")
+        ids = sorted(int(c["id"]) for c in inst["categories"])
+        if len(ids) >= IGNORE:
+            raise ValueError(f"{inst_path} has {len(ids)} categories; category maps hold at most {IGNORE - 1}")
+        known = set(ids)
+        for a in inst["annotations"]:
+            if a.get("category_id") not in known:
+                raise ValueError(f"annotation {a.get('id')} in {inst_path} has category_id {a.get('category_id')}, "
+                                 f"which is not in its categories list")
+        return ids
+
+    @property
+    def num_categories(self) -> int:
+        """Classes of the category map, background included (the model's `seg_classes`)."""
+        return len(self.category_ids) + 1
+
+    def category_map(self, image_id: int, height: int, width: int) -> np.ndarray:
+        """(H, W) uint8: every annotation of the image painted by decreasing box area, so a small
+        object lying on a large one stays visible; crowd regions last, as IGNORE."""
+        rank = {c: k + 1 for k, c in enumerate(self.category_ids)}
+        out = np.zeros((height, width), dtype=np.uint8)
+        anns = sorted(self.image_anns.get(image_id, []),
+                      key=lambda a: (bool(a.get("iscrowd")), -a["bbox"][2] * a["bbox"][3]))
+        for a in anns:
+            value = IGNORE if a.get("iscrowd") else rank[a["category_id"]]
+            out[ann_to_mask(a, height, width).astype(bool)] = value
+        return out
 
     def _reject(self, message: str, problems: list[str]) -> None:
         if not self.skip_invalid:
@@ -186,12 +229,17 @@ class ReferDataset:
         return len(self.samples)
 
     def load(self, index: int) -> dict:
-        """The raw sample: image (H, W, 3) uint8, text, box [x, y, w, h], mask (H, W) uint8, ids."""
+        """The raw sample: image (H, W, 3) uint8, text, box [x, y, w, h], mask (H, W) uint8, ids
+        [, category map (H, W) uint8]."""
         s = self.samples[index]
         image = self._cached(("image", s.image_id), lambda: self._load_image(s))
         mask = self._cached(("mask", s.ann_id), lambda: ann_to_mask(self.anns[s.ann_id], *image.shape[:2]))
-        return {"image": image, "text": s.text, "bbox": np.array(s.bbox, dtype=np.float32), "mask": mask,
-                "index": s.index, "ref_id": s.ref_id, "sent_id": s.sent_id, "image_id": s.image_id}
+        out = {"image": image, "text": s.text, "bbox": np.array(s.bbox, dtype=np.float32), "mask": mask,
+               "index": s.index, "ref_id": s.ref_id, "sent_id": s.sent_id, "image_id": s.image_id}
+        if self.with_categories:
+            out["categories"] = self._cached(("categories", s.image_id),
+                                             lambda: self.category_map(s.image_id, *image.shape[:2]))
+        return out
 
     def _load_image(self, s: Sample) -> np.ndarray:
         image = load_rgb(s.image_path)

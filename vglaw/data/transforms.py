@@ -68,6 +68,10 @@ def mask_to_original(logits: Tensor, scale: Tensor, pad: Tensor, orig_size: Tens
     return F.interpolate(crop[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
 
 
+# The optional category map travels like the mask: nearest resampling, 0 (background) padding.
+CATEGORY_TARGET = {"categories": "mask"}
+
+
 class GroundingTransform:
     """Turn a raw refer sample into model inputs and targets.
 
@@ -89,7 +93,7 @@ class GroundingTransform:
             # INTER_NEAREST_EXACT samples pixel centres; plain INTER_NEAREST shifts masks by half a pixel.
             A.LongestMaxSize(max_size=img_size, mask_interpolation=cv2.INTER_NEAREST_EXACT),
             A.PadIfNeeded(img_size, img_size, position="center", border_mode=0, fill=0, fill_mask=0),
-        ], bbox_params=bbox)
+        ], bbox_params=bbox, additional_targets=CATEGORY_TARGET)
         # One pipeline per (crop allowed, flip drawn): each albumentations call costs ~1 ms of
         # bookkeeping, so a sample goes through one augmentation call, not one per transform.
         self.augment = {
@@ -97,7 +101,7 @@ class GroundingTransform:
                 ([A.BBoxSafeRandomCrop(erosion_rate=0.0, p=crop_p)] if crop else [])
                 + ([A.HorizontalFlip(p=1.0)] if flip else [])
                 + [A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.0, p=color_jitter_p)],
-                bbox_params=bbox)
+                bbox_params=bbox, additional_targets=CATEGORY_TARGET)
             for crop in (False, True) for flip in (False, True)
         }
         self.normalize = A.Normalize()  # ImageNet mean and std
@@ -105,6 +109,7 @@ class GroundingTransform:
     def __call__(self, sample: dict) -> dict:
         image, text = sample["image"], sample["text"]
         mask = sample.get("mask", np.zeros(image.shape[:2], dtype=np.uint8))  # inference has no target
+        extra = {"categories": sample["categories"]} if "categories" in sample else {}
         bboxes, labels = ([sample["bbox"].tolist()], [0]) if "bbox" in sample else ([], [])
         h, w = image.shape[:2]
         if self.train:
@@ -114,12 +119,13 @@ class GroundingTransform:
             flip = random.random() < self.flip_p
             augment = self.augment[(not has_direction_word(text), flip)]
             augment.set_random_seed(seed)
-            r = augment(image=image, mask=mask, bboxes=bboxes, labels=labels)
+            r = augment(image=image, mask=mask, bboxes=bboxes, labels=labels, **extra)
             image, mask, bboxes = r["image"], r["mask"], r["bboxes"]
+            extra = {k: r[k] for k in extra}
             if flip:
                 text = flip_text(text)
         ch, cw = image.shape[:2]
-        r = self.letterbox(image=image, mask=mask, bboxes=bboxes, labels=labels)
+        r = self.letterbox(image=image, mask=mask, bboxes=bboxes, labels=labels, **extra)
         new_h = round(ch * min(self.img_size / ch, self.img_size / cw))
         new_w = round(cw * min(self.img_size / ch, self.img_size / cw))
         pad = ((self.img_size - new_w) // 2, (self.img_size - new_h) // 2)  # PadIfNeeded's centre rule
@@ -135,6 +141,8 @@ class GroundingTransform:
             "orig_size": torch.tensor([ch, cw]),
             "index": sample.get("index", -1),
         }
+        if extra:
+            out["categories"] = torch.from_numpy(r["categories"].astype(np.int64))
         if self.keep_original:
             if (ch, cw) != (h, w):
                 raise ValueError("keep_original is for evaluation, where the image is not cropped")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import vglaw
-from vglaw.models.vitdet import ViTDet, low_rank_linear
+from vglaw.models.vitdet import ConvStem, ViTDet, low_rank_linear
 
 
 def tiny(**overrides):
@@ -66,8 +66,30 @@ def test_from_scratch_options_are_checked():
         tiny(mask_skip=True)
     with pytest.raises(ValueError, match="stem must be"):
         tiny(stem="resnet")
+    with pytest.raises(ValueError, match="seg_classes must be 0 or >= 2"):
+        tiny(seg_classes=1)
+    with pytest.raises(ValueError, match="needs a mask task"):
+        tiny(seg_classes=3, task="box")
     with pytest.raises(ValueError, match="divisible by 4"):
         ViTDet(img_size=36, patch_size=6, embed_dim=32, depth=1, num_heads=2, stem="conv")
+    with pytest.raises(ValueError, match="stem_depth needs stem='conv'"):
+        tiny(stem_depth=2)
+    with pytest.raises(ValueError, match="stem depth must be >= 0"):
+        tiny(stem="conv", stem_depth=-1)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_conv_stem_receptive_field_grows_by_8_pixels_per_stride_4_convolution(depth):
+    stem = ConvStem(patch_size=16, in_chans=3, embed_dim=32, depth=depth).eval()
+    image = torch.zeros(1, 3, 96, 96, requires_grad=True)
+    tokens, s4 = stem(image)
+    assert tokens.shape == (1, 6, 6, 32) and s4.shape == (1, 8, 24, 24)
+    s4[0, :, 12, 12].sum().backward()
+    seen = (image.grad[0].abs().sum(0) > 0).nonzero()  # (n, 2) pixels that reach s4[12, 12]
+    for axis in (0, 1):
+        lo, hi = seen[:, axis].min().item(), seen[:, axis].max().item()
+        assert hi - lo + 1 == 7 + 8 * depth
+        assert lo <= 4 * 12 <= hi
 
 
 def test_mean_pooled_sentence_feature_is_the_mean_of_real_tokens(tokenizer):
@@ -143,9 +165,10 @@ def test_factored_qkv_equals_materialised_weight(model, tokenizer):
             model.weight_generator.phi_bias.zero_()
 
 
-# The paper's model, and the options for training from scratch (conv stem, stride-4 skip into
-# the mask head, mean-pooled sentence feature for the heads).
-FROM_SCRATCH = dict(stem="conv", mask_skip=True, text_pool="mean")
+# The paper's model, and the options for training from scratch (conv stem with a stride-4
+# convolution, stride-4 skip into the mask head, mean-pooled sentence feature for the heads,
+# per-pixel category classifier).
+FROM_SCRATCH = dict(stem="conv", stem_depth=1, mask_skip=True, text_pool="mean", seg_classes=3)
 
 
 @pytest.mark.parametrize("options", [{}, FROM_SCRATCH], ids=["paper", "from_scratch"])
@@ -162,7 +185,7 @@ def test_samples_are_independent_of_batch_and_padding(tokenizer, options):
         for i, text in enumerate(texts):
             solo_ids, solo_mask = encode(tokenizer, [text])
             solo = m(images[i : i + 1], solo_ids, solo_mask)
-            for key in ("boxes", "mask_logits"):
+            for key in solo:
                 torch.testing.assert_close(batch[key][i : i + 1], solo[key], atol=1e-5, rtol=1e-4)
                 torch.testing.assert_close(padded[key][i : i + 1], solo[key], atol=1e-5, rtol=1e-4)
         # And the language does change the output once Φ is non-zero.
@@ -177,7 +200,12 @@ def test_every_parameter_gets_a_gradient(tokenizer, options):
     m.train()
     ids, mask = encode(tokenizer, ["the red circle", "the blue square"])
     out = m(torch.randn(2, 3, 64, 64), ids, mask)
-    (out["boxes"].sum() + out["mask_logits"].sigmoid().mean()).backward()
+    assert ("seg_logits" in out) == ("seg_classes" in options)
+    loss = out["boxes"].sum() + out["mask_logits"].sigmoid().mean()
+    if "seg_logits" in out:
+        assert out["seg_logits"].shape == (2, options["seg_classes"], 64, 64)
+        loss = loss + out["seg_logits"].softmax(1)[:, 0].mean()
+    loss.backward()
     no_grad = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert no_grad == []
 

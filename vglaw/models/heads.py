@@ -79,19 +79,25 @@ class MaskHead(nn.Module):
         skip_dim: channels of a stride-4 image map added (projected to C) before the dot
             product, so mask edges can follow the image inside a patch (not in the paper);
             0 for none.
+        seg_classes: also classify every pixel of the stride-4 features into this many
+            categories (background included) with a linear layer, for an auxiliary loss that
+            teaches a from-scratch backbone what the objects are (not in the paper); 0 for none.
     """
 
-    def __init__(self, visual_dim: int, text_dim: int, hidden_dim: int = 256, skip_dim: int = 0) -> None:
+    def __init__(self, visual_dim: int, text_dim: int, hidden_dim: int = 256, skip_dim: int = 0,
+                 seg_classes: int = 0) -> None:
         super().__init__()
         self.up1 = nn.ConvTranspose2d(visual_dim, hidden_dim, kernel_size=2, stride=2)
         self.norm = nn.LayerNorm(hidden_dim, eps=1e-6)
         self.up2 = nn.ConvTranspose2d(hidden_dim, visual_dim, kernel_size=2, stride=2)
         self.text_proj = nn.Linear(text_dim, visual_dim)
         self.skip = nn.Linear(skip_dim, visual_dim) if skip_dim else None
+        self.seg = nn.Linear(visual_dim, seg_classes) if seg_classes else None
 
     def forward(self, features: Tensor, text_cls: Tensor, out_size: tuple[int, int],
-                skip: Tensor | None = None) -> Tensor:
-        """(B, H, W, C) features, (B, d_l) text [, (B, skip_dim, 4H, 4W) map] -> mask logits (B, 1, *out_size)."""
+                skip: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(B, H, W, C) features, (B, d_l) text [, (B, skip_dim, 4H, 4W) map] -> mask logits
+        (B, 1, *out_size) and, with `seg_classes`, category logits (B, seg_classes, *out_size)."""
         if (skip is None) != (self.skip is None):
             raise ValueError("pass a skip map exactly when the head was built with skip_dim")
         x = F.gelu(self.norm(conv_transpose_2x2(features, self.up1)))  # (B, 2H, 2W, hidden)
@@ -100,4 +106,8 @@ class MaskHead(nn.Module):
             x = x + self.skip(skip.permute(0, 2, 3, 1))  # (B, 4H, 4W, C)
         text = self.text_proj(text_cls)  # (B, C)
         logits = torch.einsum("bhwc,bc->bhw", x, text).unsqueeze(1) / math.sqrt(x.shape[-1])  # (B, 1, 4H, 4W)
-        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        if self.seg is None:
+            return logits, None
+        seg = self.seg(x).permute(0, 3, 1, 2)  # (B, seg_classes, 4H, 4W)
+        return logits, F.interpolate(seg, size=out_size, mode="bilinear", align_corners=False)

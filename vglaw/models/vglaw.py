@@ -45,7 +45,10 @@ class VGLAW(nn.Module):
         text_pool: the sentence feature the heads read: "cls" (paper) or "mean" (see `TextEncoder`).
         grad_checkpointing: recompute backbone blocks during backward.
         stem: "patch" (ViTDet) or "conv" (`ConvStem`, for backbones trained from scratch).
+        stem_depth: stride-1 convolutions at stride 4 in the conv stem (see `ConvStem`).
         mask_skip: feed the conv stem's stride-4 map to the mask head (needs stem="conv").
+        seg_classes: categories (background included) of the mask head's auxiliary per-pixel
+            classifier, for backbones trained from scratch (see `MaskHead`); 0 for none.
     """
 
     def __init__(
@@ -72,13 +75,18 @@ class VGLAW(nn.Module):
         text_pool: str = "cls",
         grad_checkpointing: bool = False,
         stem: str = "patch",
+        stem_depth: int = 0,
         mask_skip: bool = False,
+        seg_classes: int = 0,
     ) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if mask_skip and (stem != "conv" or task == "box"):
             raise ValueError("mask_skip needs stem='conv' and a mask task")
+        if seg_classes < 0 or seg_classes == 1 or (seg_classes and task == "box"):
+            raise ValueError(f"seg_classes must be 0 or >= 2 (background + categories) and needs a mask task, "
+                             f"got {seg_classes} with task {task!r}")
         self.mask_skip = mask_skip
         self.img_size = img_size
         self.task = task
@@ -94,12 +102,14 @@ class VGLAW(nn.Module):
             window_block_indexes=window_block_indexes,
             grad_checkpointing=grad_checkpointing,
             stem=stem,
+            stem_depth=stem_depth,
         )
         self.aggregator = LanguageAggregator(self.text.dim, depth, groups, reduction)
         self.weight_generator = WeightGenerator(self.aggregator.out_dim, embed_dim, depth, rank)
         self.box_head = LAPBoxHead(embed_dim, self.text.dim, lap_dim) if task in ("both", "box") else None
         skip_dim = self.backbone.patch_embed.out_dim if mask_skip else 0
-        self.mask_head = MaskHead(embed_dim, self.text.dim, mask_dim, skip_dim) if task in ("both", "mask") else None
+        self.mask_head = (MaskHead(embed_dim, self.text.dim, mask_dim, skip_dim, seg_classes)
+                          if task in ("both", "mask") else None)
 
     def forward(
         self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, return_attention: bool = False
@@ -115,7 +125,8 @@ class VGLAW(nn.Module):
 
         Returns:
             "boxes": (B, 4) normalised (cx, cy, w, h) in [0, 1] of the padded input (box tasks);
-            "mask_logits": (B, 1, H, W) at input resolution (mask tasks).
+            "mask_logits": (B, 1, H, W) at input resolution (mask tasks);
+            "seg_logits": (B, seg_classes, H, W) category logits (with `seg_classes`).
         """
         tokens, sentence = self.text(input_ids, attention_mask)  # (B, L, d_l), (B, d_l)
         h1, alpha = self.aggregator(tokens, attention_mask, return_attention=True)  # (B, depth, d_l/r)
@@ -126,8 +137,10 @@ class VGLAW(nn.Module):
             if return_attention:
                 out["lap_attention"] = lap
         if self.mask_head is not None:
-            out["mask_logits"] = self.mask_head(features, sentence, images.shape[-2:],
-                                                 stem if self.mask_skip else None)
+            out["mask_logits"], seg = self.mask_head(features, sentence, images.shape[-2:],
+                                                      stem if self.mask_skip else None)
+            if seg is not None:
+                out["seg_logits"] = seg
         if return_attention:
             out["lang_attention"] = alpha
         return out

@@ -164,25 +164,40 @@ class PatchEmbed(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """Two overlapping stride-2 convolutions, then non-overlapping patches of the stride-4 map:
-    (B, 3, H, W) -> (B, H/p, W/p, C), plus the stride-4 map (B, C/4, H/4, W/4) itself.
+    """A small CNN, then non-overlapping patches of its stride-4 map: (B, 3, H, W) ->
+    (B, H/p, W/p, C), plus the stride-4 map (B, C/4, H/4, W/4) itself.
 
-    Not ViTDet's: for backbones trained from scratch, where a linear patch embedding has to
-    learn shapes smaller than two patches across from few examples ("early convolutions",
-    Xiao et al., 2021). Pretrained checkpoints carry a `PatchEmbed`, so they do not load into it.
+    Two stride-2 3x3 convolutions and `depth` stride-1 3x3 convolutions at stride 4, each with
+    BatchNorm and GELU. Not ViTDet's: for backbones trained from scratch, where a linear patch
+    embedding has to learn shapes smaller than two patches across from few examples ("early
+    convolutions", Xiao et al., 2021); the stride-1 convolutions widen the stride-4 map's
+    receptive field from 7 to 7 + 8·depth pixels, enough to see a whole small object.
+    Pretrained checkpoints carry a `PatchEmbed`, so they do not load into it.
+
+    Args:
+        patch_size: output stride p, a multiple of 4.
+        in_chans: input channels.
+        embed_dim: C.
+        depth: stride-1 convolutions at stride 4.
     """
 
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, depth: int = 0) -> None:
         super().__init__()
         if patch_size % 4:
             raise ValueError(f"the conv stem needs a patch size divisible by 4, got {patch_size}")
+        if depth < 0:
+            raise ValueError(f"stem depth must be >= 0, got {depth}")
         self.out_dim = embed_dim // 4
-        self.conv1 = nn.Conv2d(in_chans, embed_dim // 8, kernel_size=3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(embed_dim // 8, self.out_dim, kernel_size=3, stride=2, padding=1)
+
+        def conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.GELU())
+
+        self.convs = nn.Sequential(conv(in_chans, embed_dim // 8, 2), conv(embed_dim // 8, self.out_dim, 2),
+                                   *(conv(self.out_dim, self.out_dim, 1) for _ in range(depth)))
         self.proj = nn.Conv2d(self.out_dim, embed_dim, kernel_size=patch_size // 4, stride=patch_size // 4)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        s4 = F.gelu(self.conv2(F.gelu(self.conv1(x))))  # (B, C/4, H/4, W/4)
+        s4 = self.convs(x)  # (B, C/4, H/4, W/4)
         return self.proj(s4).permute(0, 2, 3, 1), s4  # (B, H/p, W/p, C), (B, C/4, H/4, W/4)
 
 
@@ -205,6 +220,7 @@ class ViTDet(nn.Module):
         grad_checkpointing: recompute blocks in backward to save activation memory.
         stem: "patch" (ViTDet: one strided convolution) or "conv" (`ConvStem`, for training
             from scratch; it also hands the mask head a stride-4 map).
+        stem_depth: stride-1 convolutions of the conv stem at stride 4 (`ConvStem`'s depth).
     """
 
     def __init__(
@@ -223,17 +239,21 @@ class ViTDet(nn.Module):
         use_rel_pos: bool = True,
         grad_checkpointing: bool = False,
         stem: str = "patch",
+        stem_depth: int = 0,
     ) -> None:
         super().__init__()
         if stem not in ("patch", "conv"):
             raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        if stem_depth and stem != "conv":
+            raise ValueError(f"stem_depth needs stem='conv', got stem={stem!r}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         grid = img_size // patch_size
         self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.grad_checkpointing = grad_checkpointing
-        self.patch_embed = (PatchEmbed if stem == "patch" else ConvStem)(patch_size, in_chans, embed_dim)
+        self.patch_embed = (PatchEmbed(patch_size, in_chans, embed_dim) if stem == "patch"
+                            else ConvStem(patch_size, in_chans, embed_dim, stem_depth))
         # Without pretrained weights, start from MAE's fixed sin-cos table: position is then
         # readable from step one, which matters for "left of" / "at the top" expressions.
         self.pos_embed = nn.Parameter(sincos_pos_embed((grid, grid), embed_dim))

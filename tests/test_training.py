@@ -15,7 +15,7 @@ from torchvision.ops import box_iou
 from tests.conftest import TINY_ARGS
 from vglaw.cli import main
 from vglaw.data.datamodule import ReferDataModule
-from vglaw.training.losses import lap_attention_loss
+from vglaw.training.losses import category_loss, lap_attention_loss
 from vglaw.training.metrics import GroundingMetrics, box_iou_pairwise
 from vglaw.training.module import VGLAWModule
 
@@ -85,6 +85,34 @@ def test_lap_supervision_is_a_logged_term_that_trains_the_box_head(shapes_root):
     assert module.model.box_head.mlp[0].weight.grad is None  # the term reaches the attention only
     with pytest.raises(ValueError, match="weight_lap"):
         VGLAWModule(**{**TINY_ARGS, "task": "mask"}, weight_lap=1.0)
+
+
+def test_category_loss_by_hand_ignores_crowds_and_names_a_too_small_classifier():
+    logits = torch.zeros(1, 3, 1, 2)
+    logits[0, :, 0, 0] = torch.tensor([0.0, math.log(3.0), 0.0])  # p(class 1) = 3 / 5
+    categories = torch.tensor([[[1, 255]]])
+    assert category_loss(logits, categories).item() == pytest.approx(-math.log(3 / 5))
+    logits[0, :, 0, 1] = torch.tensor([50.0, -50.0, 3.0])  # an ignored pixel changes nothing
+    assert category_loss(logits, categories).item() == pytest.approx(-math.log(3 / 5))
+    with pytest.raises(ValueError, match="holds class 3 but the model classifies 3"):
+        category_loss(logits, torch.tensor([[[3, 0]]]))
+
+
+def test_category_supervision_is_a_logged_term_and_is_checked(shapes_root):
+    dm = ReferDataModule(dataset="shapes", data_root=str(shapes_root), img_size=64, batch_size=2, num_workers=0,
+                         categories=True)
+    batch = next(iter(dm.val_dataloader()[0]))
+    args = {**TINY_ARGS, "model_args": {"seg_classes": dm.split("val").num_categories}}
+    module = VGLAWModule(**args, weight_seg=0.5)
+    outputs = module(batch)
+    terms = module._losses(outputs, batch)
+    plain = VGLAWModule(**args)._losses(outputs, batch)
+    assert "seg" in terms and "seg" not in plain
+    assert terms["loss"].item() == pytest.approx(plain["loss"].item() + 0.5 * terms["seg"].item(), rel=1e-5)
+    with pytest.raises(KeyError, match="data.categories: true"):
+        module._losses(outputs, {k: v for k, v in batch.items() if k != "categories"})
+    with pytest.raises(ValueError, match="model_args.seg_classes"):
+        VGLAWModule(**TINY_ARGS, weight_seg=0.5)
 
 
 def test_nan_loss_stops_with_step_and_term(shapes_root):

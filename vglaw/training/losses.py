@@ -1,5 +1,6 @@
-"""VG-LAW's training losses: L1 + GIoU on boxes, focal + Dice on masks, and an optional
-supervision of the box head's pooling attention.
+"""VG-LAW's training losses: L1 + GIoU on boxes, focal + Dice on masks, and two optional
+terms for training from scratch: supervision of the box head's pooling attention and a
+per-pixel category loss.
 
 Boxes are normalised (cx, cy, w, h); masks are logits / {0, 1} targets at input resolution.
 """
@@ -49,11 +50,30 @@ def lap_attention_loss(attention: Tensor, masks: Tensor) -> Tensor:
     return -(target * attention.float().flatten(1).clamp(min=1e-8).log()).sum(1).mean()
 
 
+def category_loss(logits: Tensor, categories: Tensor, ignore_index: int = 255) -> Tensor:
+    """Per-pixel cross-entropy of (B, K, H, W) category logits against (B, H, W) category maps.
+
+    Not in the paper: the grounding losses only say which object the expression means, so a
+    backbone trained from scratch learns what each object is slowly; naming every object of
+    the image (instances.json has them all) teaches it directly.
+
+    Raises:
+        ValueError: a category outside the K classes (the model's `seg_classes` is too small).
+    """
+    valid = categories[categories != ignore_index]
+    if valid.numel() and int(valid.max()) >= logits.shape[1]:
+        raise ValueError(f"category map holds class {int(valid.max())} but the model classifies {logits.shape[1]} "
+                         "(model_args.seg_classes must be the dataset's categories + 1 for background)")
+    return F.cross_entropy(logits.float(), categories, ignore_index=ignore_index)
+
+
 def grounding_loss(outputs: dict[str, Tensor], boxes: Tensor, masks: Tensor,
-                   weights: dict[str, float]) -> dict[str, Tensor]:
+                   weights: dict[str, float], categories: Tensor | None = None) -> dict[str, Tensor]:
     """Weighted total ("loss") and every unweighted term the model's outputs allow.
 
-    The attention term ("lap") is added when the outputs hold "lap_attention" and `weights` has "lap".
+    The attention term ("lap") is added when the outputs hold "lap_attention" and `weights` has
+    "lap"; the category term ("seg") when they hold "seg_logits", `weights` has "seg" and
+    `categories` (B, H, W) is given.
     """
     terms: dict[str, Tensor] = {}
     if "boxes" in outputs:
@@ -62,5 +82,7 @@ def grounding_loss(outputs: dict[str, Tensor], boxes: Tensor, masks: Tensor,
         terms.update(mask_losses(outputs["mask_logits"], masks))
     if "lap_attention" in outputs and "lap" in weights:
         terms["lap"] = lap_attention_loss(outputs["lap_attention"], masks)
+    if "seg_logits" in outputs and "seg" in weights and categories is not None:
+        terms["seg"] = category_loss(outputs["seg_logits"], categories)
     terms["loss"] = torch.stack([weights[k] * v for k, v in terms.items()]).sum()
     return terms

@@ -34,6 +34,8 @@ class VGLAWModule(pl.LightningModule):
         weight_l1, weight_giou, weight_focal, weight_dice: loss weights (paper: 1, 1, 4, 4).
         weight_lap: weight of the box head's attention supervision (`lap_attention_loss`;
             paper: 0, none). Needs the mask targets, so not with task "mask".
+        weight_seg: weight of the per-pixel category loss (`category_loss`; paper: 0, none).
+            Needs `model_args.seg_classes` and the data module's `categories: true`.
         lr_visual: learning rate of the visual backbone.
         lr_text: learning rate of the text encoder.
         lr_other: learning rate of everything else (aggregation, weight generation, heads).
@@ -57,6 +59,7 @@ class VGLAWModule(pl.LightningModule):
         weight_focal: float = 4.0,
         weight_dice: float = 4.0,
         weight_lap: float = 0.0,
+        weight_seg: float = 0.0,
         lr_visual: float = 4e-5,
         lr_text: float = 4e-5,
         lr_other: float = 4e-4,
@@ -77,6 +80,13 @@ class VGLAWModule(pl.LightningModule):
         self.loss_weights = {"l1": weight_l1, "giou": weight_giou, "focal": weight_focal, "dice": weight_dice}
         if weight_lap > 0:
             self.loss_weights["lap"] = weight_lap
+        if weight_seg < 0:
+            raise ValueError(f"weight_seg must be >= 0, got {weight_seg}")
+        if weight_seg > 0:
+            if self.model.mask_head is None or self.model.mask_head.seg is None:
+                raise ValueError("weight_seg needs the model's category classifier: set model_args.seg_classes "
+                                 "(the dataset's categories + 1) and a mask task")
+            self.loss_weights["seg"] = weight_seg
         self.milestones = list(milestones if milestones is not None else [10, 60])
         self.metrics = nn.ModuleDict()
 
@@ -84,7 +94,9 @@ class VGLAWModule(pl.LightningModule):
         return self.model(batch["images"], batch["input_ids"], batch["attention_mask"], return_attention)
 
     def _losses(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
-        return grounding_loss(outputs, batch["boxes"], batch["masks"], self.loss_weights)
+        if "seg" in self.loss_weights and "categories" not in batch:
+            raise KeyError("weight_seg > 0 but the batch has no 'categories' maps: set data.categories: true")
+        return grounding_loss(outputs, batch["boxes"], batch["masks"], self.loss_weights, batch.get("categories"))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         # The attention supervision needs the box head's pooling map.

@@ -149,6 +149,7 @@ class ReferDataset:
         self.with_categories = categories
         if categories:
             self.category_ids = self._category_ids(inst, inst_path)
+            self._category_value = {c: k + 1 for k, c in enumerate(self.category_ids)}
             self.image_anns: dict[int, list[dict]] = {}
             for a in inst["annotations"]:
                 self.image_anns.setdefault(a["image_id"], []).append(a)
@@ -177,12 +178,11 @@ class ReferDataset:
     def category_map(self, image_id: int, height: int, width: int) -> np.ndarray:
         """(H, W) uint8: every annotation of the image painted by decreasing box area, so a small
         object lying on a large one stays visible; crowd regions last, as IGNORE."""
-        rank = {c: k + 1 for k, c in enumerate(self.category_ids)}
         out = np.zeros((height, width), dtype=np.uint8)
         anns = sorted(self.image_anns.get(image_id, []),
                       key=lambda a: (bool(a.get("iscrowd")), -a["bbox"][2] * a["bbox"][3]))
         for a in anns:
-            value = IGNORE if a.get("iscrowd") else rank[a["category_id"]]
+            value = IGNORE if a.get("iscrowd") else self._category_value[a["category_id"]]
             out[ann_to_mask(a, height, width).astype(bool)] = value
         return out
 

@@ -3,6 +3,7 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import vglaw
@@ -258,11 +259,54 @@ def test_text_cache_gives_the_uncached_model_output(tokenizer):
         tiny(text_cache_size=8)
 
 
-def test_conv_transpose_as_matmul_equals_module():
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_transpose_as_matmul_equals_module(bias):
     from vglaw.models.heads import conv_transpose_2x2
 
     torch.manual_seed(0)
-    conv = nn.ConvTranspose2d(6, 5, kernel_size=2, stride=2)
-    x = torch.randn(2, 3, 4, 6)  # (B, H, W, C)
+    conv = nn.ConvTranspose2d(6, 5, kernel_size=2, stride=2, bias=bias)
+    x = torch.randn(2, 3, 4, 6, requires_grad=True)  # (B, H, W, C)
     expected = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    torch.testing.assert_close(conv_transpose_2x2(x, conv), expected, atol=1e-6, rtol=1e-5)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, [x, conv.weight], grad)
+    got = conv_transpose_2x2(x, conv)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    for g, e in zip(torch.autograd.grad(got, [x, conv.weight], grad), expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def reference_mask_head(head, features, text_cls, out_size, skip=None):
+    """The mask head written out plainly: build the (B, C, 4H, 4W) map, then read it."""
+    x = head.up1(features.permute(0, 3, 1, 2))  # (B, hidden, 2H, 2W)
+    x = F.gelu(head.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+    x = head.up2(x).permute(0, 2, 3, 1)  # (B, 4H, 4W, C)
+    if skip is not None:
+        x = x + head.skip(skip.permute(0, 2, 3, 1))
+    text = head.text_proj(text_cls)
+    logits = torch.einsum("bhwc,bc->bhw", x, text).unsqueeze(1) / x.shape[-1] ** 0.5
+    up = lambda t: F.interpolate(t, size=out_size, mode="bilinear", align_corners=False)
+    return up(logits), (up(head.seg(x).permute(0, 3, 1, 2)) if head.seg is not None else None)
+
+
+@pytest.mark.parametrize("skip_dim,seg_classes", [(0, 0), (6, 0), (0, 3), (6, 3)])
+def test_mask_head_equals_the_plain_arithmetic(skip_dim, seg_classes):
+    from vglaw.models.heads import MaskHead
+
+    torch.manual_seed(0)
+    head = MaskHead(visual_dim=16, text_dim=10, hidden_dim=8, skip_dim=skip_dim, seg_classes=seg_classes)
+    for p in head.parameters():  # non-zero biases everywhere, so a dropped bias shows
+        nn.init.normal_(p, std=0.3)
+    features = torch.randn(2, 3, 4, 16, requires_grad=True)  # (B, H, W, C)
+    text = torch.randn(2, 10)
+    skip = torch.randn(2, skip_dim, 12, 16) if skip_dim else None
+    got = head(features, text, (24, 32), skip)
+    want = reference_mask_head(head, features, text, (24, 32), skip)
+    assert (got[1] is None) == (seg_classes == 0)
+    for g, w in zip(got, want):
+        if w is not None:
+            assert g.shape == w.shape
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    loss = lambda outs: sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs if o is not None)
+    params = [features, *head.parameters()]
+    for g, w in zip(torch.autograd.grad(loss(got), params), torch.autograd.grad(loss(want), params)):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

@@ -1,7 +1,7 @@
 """Task heads on the backbone's last feature map.
 
 Layout: the backbone hands (B, H, W, C) channels-last tokens; the box head keeps them as
-(B, H·W, C), the mask head works channels-first (B, C, H, W) as convolutions want.
+(B, H·W, C); the mask head upsamples channels-last and returns channels-first (B, ·, H, W) logits.
 """
 from __future__ import annotations
 
@@ -58,14 +58,20 @@ def conv_transpose_2x2(x: Tensor, conv: nn.ConvTranspose2d) -> Tensor:
 
     With kernel = stride the output pixels of different input pixels never overlap, so the
     transposed convolution is one matrix product followed by depth-to-space; this is the same
-    arithmetic as `conv(x.permute(0, 3, 1, 2))`, several times faster on CPUs.
+    arithmetic as `conv(x.permute(0, 3, 1, 2))`, several times faster on CPUs. The weight is
+    ordered (kh, kw, Cout) so depth-to-space moves whole Cout-long rows, and the bias rides in
+    the matrix product.
     """
-    B, H, W, _ = x.shape
+    B, H, W, cin = x.shape
     cout = conv.out_channels
-    weight = conv.weight.flatten(1)  # (Cin, Cout*2*2)
-    y = (x @ weight.to(x.dtype)).view(B, H, W, cout, 2, 2)  # (B, H, W, Cout, kh, kw)
-    y = y.permute(0, 1, 4, 2, 5, 3).reshape(B, 2 * H, 2 * W, cout)  # (B, 2H, 2W, Cout)
-    return y + conv.bias.to(y.dtype) if conv.bias is not None else y
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout).to(x.dtype)  # (Cin, kh*kw*Cout)
+    flat = x.reshape(-1, cin)
+    if conv.bias is None:
+        y = flat @ weight
+    else:
+        y = torch.addmm(conv.bias.to(x.dtype).repeat(4), flat, weight)
+    y = y.view(B, H, W, 2, 2, cout).permute(0, 1, 3, 2, 4, 5)  # (B, H, kh, W, kw, Cout)
+    return y.reshape(B, 2 * H, 2 * W, cout)
 
 
 class MaskHead(nn.Module):
@@ -97,17 +103,36 @@ class MaskHead(nn.Module):
     def forward(self, features: Tensor, text_cls: Tensor, out_size: tuple[int, int],
                 skip: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(B, H, W, C) features, (B, d_l) text [, (B, skip_dim, 4H, 4W) map] -> mask logits
-        (B, 1, *out_size) and, with `seg_classes`, category logits (B, seg_classes, *out_size)."""
+        (B, 1, *out_size) and, with `seg_classes`, category logits (B, seg_classes, *out_size).
+
+        The stride-4 features x = up2(y) [+ skip(map)] are only ever read through O = 1 +
+        seg_classes vectors (the projected text / √C and the classifier's rows), and everything
+        after the GELU is linear, so those vectors are folded into up2's and skip's weights per
+        sample and the (B, 4H, 4W, C) map is never built: the same function (up to rounding)
+        at a fraction of the memory traffic.
+        """
         if (skip is None) != (self.skip is None):
             raise ValueError("pass a skip map exactly when the head was built with skip_dim")
-        x = F.gelu(self.norm(conv_transpose_2x2(features, self.up1)))  # (B, 2H, 2W, hidden)
-        x = conv_transpose_2x2(x, self.up2)  # (B, 4H, 4W, C)
+        y = F.gelu(self.norm(conv_transpose_2x2(features, self.up1)))  # (B, 2H, 2W, hidden)
+        B, H2, W2, hidden = y.shape
+        C = self.up2.out_channels
+        readout = (self.text_proj(text_cls) / math.sqrt(C)).unsqueeze(-1)  # (B, C, 1)
+        if self.seg is not None:
+            readout = torch.cat([readout, self.seg.weight.t().expand(B, -1, -1)], dim=-1)  # (B, C, O)
+        n_out = readout.shape[-1]  # O
+        w_up = self.up2.weight.permute(0, 2, 3, 1).reshape(hidden * 4, C)  # (hidden·kh·kw, C)
+        w_y = (w_up @ readout).view(B, hidden, 4 * n_out)  # (B, hidden, kh·kw·O)
+        out = torch.bmm(y.reshape(B, H2 * W2, hidden), w_y)  # (B, 2H·2W, kh·kw·O)
+        out = out.view(B, H2, W2, 2, 2, n_out).permute(0, 5, 1, 3, 2, 4)  # (B, O, 2H, kh, 2W, kw)
+        out = out.reshape(B, n_out, 2 * H2, 2 * W2)  # (B, O, 4H, 4W)
+        bias = self.up2.bias @ readout  # (B, O)
         if self.skip is not None:
-            x = x + self.skip(skip.permute(0, 2, 3, 1))  # (B, 4H, 4W, C)
-        text = self.text_proj(text_cls)  # (B, C)
-        logits = torch.einsum("bhwc,bc->bhw", x, text).unsqueeze(1) / math.sqrt(x.shape[-1])  # (B, 1, 4H, 4W)
-        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-        if self.seg is None:
-            return logits, None
-        seg = self.seg(x).permute(0, 3, 1, 2)  # (B, seg_classes, 4H, 4W)
-        return logits, F.interpolate(seg, size=out_size, mode="bilinear", align_corners=False)
+            w_skip = (self.skip.weight.t() @ readout).transpose(1, 2)  # (B, O, skip_dim)
+            out = out + torch.bmm(w_skip, skip.flatten(2)).view_as(out)  # (B, O, 4H, 4W)
+            bias = bias + self.skip.bias @ readout
+        if self.seg is not None:
+            bias = bias + torch.cat([self.seg.bias.new_zeros(1), self.seg.bias])
+        out = out + bias[:, :, None, None]
+        # Split before upsampling: a slice's backward fills a zero tensor of its source's size.
+        up = lambda t: F.interpolate(t, size=out_size, mode="bilinear", align_corners=False)  # (B, ·, *out_size)
+        return up(out[:, :1]), (up(out[:, 1:]) if self.seg is not None else None)

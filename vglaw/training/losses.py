@@ -60,10 +60,11 @@ def category_loss(logits: Tensor, categories: Tensor, ignore_index: int = 255) -
     Raises:
         ValueError: a category outside the K classes (the model's `seg_classes` is too small).
     """
-    valid = categories[categories != ignore_index]
-    if valid.numel() and int(valid.max()) >= logits.shape[1]:
-        raise ValueError(f"category map holds class {int(valid.max())} but the model classifies {logits.shape[1]} "
-                         "(model_args.seg_classes must be the dataset's categories + 1 for background)")
+    outside = (categories >= logits.shape[1]) & (categories != ignore_index)
+    if outside.any():
+        raise ValueError(f"category map holds class {int(categories[outside].max())} but the model classifies "
+                         f"{logits.shape[1]} (model_args.seg_classes must be the dataset's categories + 1 "
+                         "for background)")
     return F.cross_entropy(logits.float(), categories, ignore_index=ignore_index)
 
 

@@ -259,3 +259,17 @@ def test_predict_errors(shapes_root, tiny_ckpt, tmp_path, capsys):
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
     assert main(["predict", "--image", str(image), "--text", "x", "--ckpt", str(tmp_path / "foreign.ckpt")]) == 2
     assert "not a vglaw training checkpoint" in capsys.readouterr().err
+
+
+def test_learning_curve_legend_avoids_the_curves(tmp_path):
+    from vglaw.plots import _legend_corner, line_chart
+
+    frame, box = (56, 28, 624, 320), (150, 34)
+    rising = [[(56.0, 300.0), (340.0, 100.0), (624.0, 40.0)]]  # screen y grows downwards
+    falling = [[(56.0, 40.0), (340.0, 250.0), (624.0, 300.0)]]
+    assert _legend_corner(rising, frame, box) == (624 - 150, 320 - 34)  # bottom right
+    assert _legend_corner(falling, frame, box) == (624 - 150, 28 + 6)  # top right
+    png = line_chart({"val/miou": [(1.0, 0.2), (2.0, 0.9)]}, tmp_path / "c.png", "t", y_range=(0, 1))
+    assert Image.open(png).size == (640, 360)
+    with pytest.raises(ValueError, match="nothing to plot"):
+        line_chart({"val/miou": []}, tmp_path / "d.png", "t")

@@ -22,6 +22,22 @@ def read_metrics(csv_path: str | Path) -> dict[str, list[tuple[float, float]]]:
     return dict(series)
 
 
+def _legend_corner(lines: list[list[tuple[float, float]]], frame: tuple[int, int, int, int],
+                   box: tuple[int, int]) -> tuple[int, int]:
+    """The inner corner of the plot frame whose legend box the curves cross least."""
+    x_left, t, r, b = frame
+    bw, bh = box
+    corners = [(r - bw, t + 6), (r - bw, b - bh), (x_left + 8, t + 6), (x_left + 8, b - bh)]
+    samples = [(x0 + (x1 - x0) * k / 20, y0 + (y1 - y0) * k / 20)
+               for xy in lines for (x0, y0), (x1, y1) in zip(xy, xy[1:] or xy) for k in range(21)]
+
+    def crossings(corner: tuple[int, int]) -> int:
+        cx, cy = corner
+        return sum(cx - 4 <= x <= cx + bw and cy - 4 <= y <= cy + bh for x, y in samples)
+
+    return min(corners, key=crossings)
+
+
 def line_chart(series: dict[str, list[tuple[float, float]]], path: str | Path, title: str,
                size: tuple[int, int] = (640, 360), y_range: tuple[float, float] | None = None) -> Path:
     """Draw each series as a polyline with a legend; writes a PNG and returns its path."""
@@ -46,14 +62,16 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: str | Path, t
         d.text((sx(xv) - 10, h - bottom + 6), f"{xv:.0f}", fill=(0, 0, 0))
     d.text((w // 2 - 12, h - 16), "step", fill=(0, 0, 0))
     d.text((left, 8), title, fill=(0, 0, 0))
-    for i, (name, s) in enumerate(series.items()):
+    lines = [[(sx(x), sy(y)) for x, y in sorted(s)] for s in series.values()]
+    for i, xy in enumerate(lines):
         colour = COLOURS[i % len(COLOURS)]
-        xy = [(sx(x), sy(y)) for x, y in sorted(s)]
         if len(xy) > 1:
             d.line(xy, fill=colour, width=2)
         for x, y in xy:
             d.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-        d.text((w - right - 150, top + 6 + 14 * i), name, fill=colour)
+    lx, ly = _legend_corner(lines, (left, top, w - right, h - bottom), (150, 14 * len(lines) + 6))
+    for i, name in enumerate(series):
+        d.text((lx, ly + 14 * i), name, fill=COLOURS[i % len(COLOURS)])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

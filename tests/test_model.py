@@ -310,3 +310,21 @@ def test_mask_head_equals_the_plain_arithmetic(skip_dim, seg_classes):
     params = [features, *head.parameters()]
     for g, w in zip(torch.autograd.grad(loss(got), params), torch.autograd.grad(loss(want), params)):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_mask_head_runs_under_bf16_autocast():
+    """The per-sample weight folding mixes bf16 activations with fp32 parameters; bf16 training
+    (GPU) must not hit a dtype mismatch. CPU autocast exercises the same casting rules."""
+    from vglaw.models.heads import MaskHead
+
+    torch.manual_seed(0)
+    head = MaskHead(visual_dim=16, text_dim=10, hidden_dim=8, skip_dim=6, seg_classes=5)
+    features = torch.randn(2, 3, 4, 16, requires_grad=True)
+    text, skip = torch.randn(2, 10), torch.randn(2, 6, 12, 16)
+    want = head(features, text, (24, 32), skip)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head(features, text, (24, 32), skip)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w, atol=0.05, rtol=0.05)
+    sum(g.float().sum() for g in got).backward()
+    assert features.grad is not None and torch.isfinite(features.grad).all()

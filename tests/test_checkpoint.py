@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vglaw.models.checkpoint import load_visual_weights
-from vglaw.models.geometry import resize_abs_pos, resize_rel_pos
+from vglaw.models.geometry import crop_rel_pos, fit_rel_pos, resize_abs_pos, resize_rel_pos
 from vglaw.models.vitdet import ViTDet
 from vglaw.safe_pickle import UnsafePickleError, plain_load
 
@@ -34,23 +34,68 @@ def check_loaded(target, source_sd, skip=()):
         torch.testing.assert_close(v, source_sd[k], msg=k)
 
 
-def test_detectron2_pkl(tmp_path):
-    src = source_backbone(128)  # 8x8 grid, global table 15 -> resized to 7
+def detectron2_pkl(tmp_path, src):
     sd = src.state_dict()
-    pos_with_cls = torch.cat([torch.randn(1, 1, 32), sd["pos_embed"].reshape(1, 64, 32)], dim=1)
+    pos_with_cls = torch.cat([torch.randn(1, 1, sd["pos_embed"].shape[-1]), sd["pos_embed"].flatten(1, 2)], dim=1)
     model = {"backbone.net." + k: v.numpy() for k, v in sd.items() if k != "pos_embed"}
     model["backbone.net.pos_embed"] = pos_with_cls.numpy()
     model["backbone.simfp_2.0.weight"] = torch.randn(3, 3).numpy()
     model["roi_heads.box_predictor.cls_score.weight"] = torch.randn(81, 4).numpy()
     path = tmp_path / "model_final.pkl"
     path.write_bytes(pickle.dumps({"model": model, "__author__": "test", "matching_heuristics": True}))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["crop", "interpolate"])
+def test_detectron2_pkl(tmp_path, mode):
+    src = source_backbone(128)  # 8x8 grid, global table 15 -> 7
+    sd = src.state_dict()
+    path = detectron2_pkl(tmp_path, src)
     target = target_backbone()
-    assert load_visual_weights(target, path, log=None) == "detectron2"
+    assert load_visual_weights(target, path, log=None, rel_pos=mode) == "detectron2"
     check_loaded(target, sd)
     tsd = target.state_dict()
     torch.testing.assert_close(tsd["pos_embed"], resize_abs_pos(sd["pos_embed"], (4, 4)))
-    torch.testing.assert_close(tsd["blocks.1.attn.rel_pos_h"], resize_rel_pos(sd["blocks.1.attn.rel_pos_h"], 7))
+    fit = crop_rel_pos if mode == "crop" else resize_rel_pos
+    for axis in "hw":
+        torch.testing.assert_close(tsd[f"blocks.1.attn.rel_pos_{axis}"], fit(sd[f"blocks.1.attn.rel_pos_{axis}"], 7))
     torch.testing.assert_close(tsd["blocks.0.attn.rel_pos_h"], sd["blocks.0.attn.rel_pos_h"])  # window table kept
+
+
+def test_rel_pos_crop_keeps_the_central_offsets():
+    """ViTDet-B at 1024 px has global tables of 127 rows (offsets -63..63); at 448 px (a 28-token
+    grid) the paper keeps offsets -27..27 unchanged: rows 36..90, as `[36:-36]` in the official code."""
+    table = torch.arange(127, dtype=torch.float32)[:, None].repeat(1, 64)  # row i holds i
+    cropped = fit_rel_pos(table, 55)
+    assert cropped.shape == (55, 64)
+    assert cropped[:, 0].tolist() == list(range(36, 91))
+    assert cropped[27, 0] == 63  # offset 0 stays offset 0
+    interpolated = fit_rel_pos(table, 55, mode="interpolate")
+    assert interpolated[0, 0] != 36 and interpolated[27, 0] == pytest.approx(63.0)
+    # Shorter tables and odd differences can only be interpolated.
+    torch.testing.assert_close(fit_rel_pos(table[:27], 55), resize_rel_pos(table[:27], 55))
+    torch.testing.assert_close(fit_rel_pos(table, 54), resize_rel_pos(table, 54))
+    with pytest.raises(ValueError, match="cannot centre-crop"):
+        crop_rel_pos(table, 54)
+    with pytest.raises(ValueError, match="'crop' or 'interpolate'"):
+        fit_rel_pos(table, 55, mode="nearest")
+
+
+def test_vitdet_b_1024_checkpoint_loads_strictly_into_the_paper_model(tmp_path):
+    """A checkpoint with detectron2 ViTDet-B's exact keys and shapes (1024-px tables) loads into
+    `vglaw_vitb`'s backbone, global tables cropped 127 -> 55."""
+    src = ViTDet(img_size=1024, drop_path_rate=0.0)  # ViTDet-B as detectron2 trains it for COCO
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if "rel_pos" in name:
+                p.normal_()
+    path = detectron2_pkl(tmp_path, src)
+    target = ViTDet(img_size=448)
+    assert load_visual_weights(target, path, log=None) == "detectron2"
+    sd, tsd = src.state_dict(), target.state_dict()
+    assert sd["blocks.2.attn.rel_pos_h"].shape == (127, 64) and tsd["blocks.2.attn.rel_pos_h"].shape == (55, 64)
+    torch.testing.assert_close(tsd["blocks.2.attn.rel_pos_w"], sd["blocks.2.attn.rel_pos_w"][36:91])
+    torch.testing.assert_close(tsd["blocks.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"])
 
 
 def test_mae_pth_leaves_only_rel_pos_missing(tmp_path, capsys):

@@ -2,6 +2,7 @@
 import json
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from vglaw.data.expressions import parse, resolve
 from vglaw.data.refer import BadSampleError, ReferDataset, load_rgb
 from vglaw.data.transforms import GroundingTransform, boxes_to_original, flip_text, has_direction_word, mask_to_original
 from vglaw.safe_pickle import UnsafePickleError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -245,6 +248,57 @@ def test_crop_p_zero_never_crops(refcoco):
     assert cropped(0.0) == 0
     with pytest.raises(ValueError, match="crop_p"):
         ReferDataModule(dataset="refcoco", data_root=str(root), crop_p=1.5)
+
+
+def test_letterbox_pads_with_the_mean_colour_zero_after_normalisation(refcoco):
+    root, _ = refcoco
+    raw = ReferDataset(root, "refcoco", "train").load(0)  # 80 x 60: padded above and below at 96
+    out = GroundingTransform(96)(raw)
+    top = int(out["pad"][1])
+    assert top > 0 and out["pad"][0] == 0
+    assert (out["image"][:, :top] == 0).all() and (out["image"][:, top + 72 :] == 0).all()
+    assert (out["image"][:, top : top + 72] != 0).any(dim=0).float().mean() > 0.99
+
+
+def test_random_translation_moves_image_box_and_mask_together(refcoco):
+    root, _ = refcoco
+    raw = ReferDataset(root, "refcoco", "train").load(0)
+    t = GroundingTransform(96, train=True, flip_p=0.0, translate_p=1.0)
+    plain = GroundingTransform(96)(raw)
+    random.seed(1)
+    tops = set()
+    for _ in range(6):
+        out = t(raw)
+        left, top = (int(v) for v in out["pad"])
+        tops.add(top)
+        assert left == 0 and 0 <= top <= 96 - 72
+        shift = top - int(plain["pad"][1])
+        torch.testing.assert_close(out["image"], plain["image"].roll(shift, dims=1))
+        torch.testing.assert_close(out["mask"], plain["mask"].roll(shift, dims=0))
+        torch.testing.assert_close(out["box"], plain["box"] + torch.tensor([0, shift / 96, 0, 0]))
+        back = boxes_to_original(out["box"][None], out["scale"][None], out["pad"][None], out["orig_size"][None], 96)
+        want = boxes_to_original(plain["box"][None], plain["scale"][None], plain["pad"][None],
+                                 plain["orig_size"][None], 96)
+        torch.testing.assert_close(back, want, atol=1e-4, rtol=0)
+    assert len(tops) > 1  # the offset is drawn, not fixed
+
+
+@pytest.mark.parametrize("name", ["refcoco", "refcoco+", "refcocog", "refclef"])
+def test_paper_configs_augment_with_the_flip_only(name, capsys):
+    """The RefCOCO-family configs train with the paper's augmentation: horizontal flip (with
+    the left/right word swap), nothing else; every probability is shown by --print_config."""
+    import yaml
+
+    from vglaw.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs" / f"{name}.yaml"), "--print_config"])
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert (data["flip_p"], data["crop_p"], data["color_jitter_p"], data["translate_p"]) == (0.5, 0.0, 0.0, 0.0)
+    dm = ReferDataModule(**{k: data[k] for k in ("flip_p", "crop_p", "color_jitter_p", "translate_p")})
+    t = GroundingTransform(64, train=True, **dm.augmentation)
+    steps = {type(step).__name__ for pipeline in t.augment.values() if pipeline for step in pipeline.transforms}
+    assert steps == {"HorizontalFlip"}
 
 
 def test_shapes_every_expression_is_unique(tmp_path):

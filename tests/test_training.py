@@ -15,6 +15,7 @@ from torchvision.ops import box_iou
 from tests.conftest import TINY_ARGS
 from vglaw.cli import main
 from vglaw.data.datamodule import ReferDataModule
+from vglaw.training.callbacks import RNGState
 from vglaw.training.losses import category_loss, lap_attention_loss
 from vglaw.training.metrics import GroundingMetrics, box_iou_pairwise
 from vglaw.training.module import VGLAWModule
@@ -102,7 +103,8 @@ def test_category_supervision_is_a_logged_term_and_is_checked(shapes_root):
     dm = ReferDataModule(dataset="shapes", data_root=str(shapes_root), img_size=64, batch_size=2, num_workers=0,
                          categories=True)
     batch = next(iter(dm.val_dataloader()[0]))
-    args = {**TINY_ARGS, "model_args": {"seg_classes": dm.split("val").num_categories}}
+    assert dm.num_categories == dm.split("val").num_categories == 5
+    args = {**TINY_ARGS, "variant": "vglaw_tiny_scratch", "seg_classes": dm.num_categories}
     module = VGLAWModule(**args, weight_seg=0.5)
     outputs = module(batch)
     terms = module._losses(outputs, batch)
@@ -111,8 +113,10 @@ def test_category_supervision_is_a_logged_term_and_is_checked(shapes_root):
     assert terms["loss"].item() == pytest.approx(plain["loss"].item() + 0.5 * terms["seg"].item(), rel=1e-5)
     with pytest.raises(KeyError, match="data.categories: true"):
         module._losses(outputs, {k: v for k, v in batch.items() if k != "categories"})
-    with pytest.raises(ValueError, match="model_args.seg_classes"):
+    with pytest.raises(ValueError, match="from-scratch variant with a category classifier"):
         VGLAWModule(**TINY_ARGS, weight_seg=0.5)
+    with pytest.raises(TypeError, match="takes no argument seg_classes"):
+        VGLAWModule(**TINY_ARGS, seg_classes=5)
 
 
 def test_nan_loss_stops_with_step_and_term(shapes_root):
@@ -127,14 +131,14 @@ def test_nan_loss_stops_with_step_and_term(shapes_root):
 
 def test_cli_fast_dev_run_and_print_config(shapes_root, tmp_path, capsys):
     args = ["--config", str(REPO / "configs" / "shapes.yaml"), f"--data.data_root={shapes_root}",
-            "--model.variant=vglaw_tiny", "--data.img_size=64", "--data.batch_size=2", "--data.num_workers=0",
+            "--model.variant=vglaw_tiny_scratch", "--data.img_size=64", "--data.batch_size=2", "--data.num_workers=0",
             f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"]
     main(["fit", *args, "--trainer.fast_dev_run=2"])
     with pytest.raises(SystemExit) as done:
         main(["fit", *args, "--print_config"])
     assert done.value.code == 0
     printed = capsys.readouterr().out
-    assert "variant: vglaw_tiny" in printed and "img_size: 64" in printed
+    assert "variant: vglaw_tiny_scratch" in printed and "img_size: 64" in printed
 
 
 @pytest.mark.parametrize("name", ["refcoco", "refcoco+", "refcocog", "refclef", "shapes"])
@@ -150,8 +154,9 @@ def test_global_batch_size_sets_accumulation(shapes_root, tmp_path):
 
     assert count_devices(2, "cpu") == 2 and count_devices("0,1,3") == 3 and count_devices([0]) == 1
     args = ["--config", str(REPO / "configs" / "shapes.yaml"), f"--data.data_root={shapes_root}",
-            "--model.variant=vglaw_tiny", "--data.img_size=64", "--data.batch_size=2", "--data.num_workers=0",
-            "--data.global_batch_size=8", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+            "--model.variant=vglaw_tiny_scratch", "--data.img_size=64", "--data.batch_size=2",
+            "--data.num_workers=0", "--data.global_batch_size=8", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
             "--trainer.fast_dev_run=1"]
     main(["fit", *args])  # 8 = 2 per step x 1 device x 4 accumulated
     with pytest.raises(SystemExit, match="not a multiple"):
@@ -172,7 +177,7 @@ def _fit(shapes_root, root, epochs, ckpt_path=None):
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)
     dm = ReferDataModule(dataset="shapes", data_root=str(shapes_root), img_size=64, batch_size=4, num_workers=0)
     trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=3, limit_val_batches=0, logger=False,
-                         enable_progress_bar=False, callbacks=[rec, ckpt], default_root_dir=root)
+                         enable_progress_bar=False, callbacks=[rec, ckpt, RNGState()], default_root_dir=root)
     trainer.fit(VGLAWModule(**TINY_ARGS), dm, ckpt_path=ckpt_path)
     return rec.losses
 
@@ -193,8 +198,9 @@ def _metrics_csv(path):
 
 def test_ddp_two_processes_equal_single_process(shapes_root, tiny_ckpt, tmp_path):
     base = [sys.executable, "-m", "vglaw.cli", "validate", "--config", str(REPO / "configs" / "shapes.yaml"),
-            f"--data.data_root={shapes_root}", "--model.variant=vglaw_tiny", "--data.img_size=64",
-            "--data.batch_size=3", "--data.num_workers=0", "--trainer.accelerator=cpu", f"--ckpt_path={tiny_ckpt}"]
+            f"--data.data_root={shapes_root}", "--model.variant=vglaw_tiny", "--model.model_args=null",
+            "--model.weight_seg=0", "--data.img_size=64", "--data.batch_size=3", "--data.num_workers=0",
+            "--trainer.accelerator=cpu", f"--ckpt_path={tiny_ckpt}"]
     results = {}
     for devices in (1, 2):
         out = tmp_path / f"d{devices}"
@@ -255,7 +261,7 @@ def test_predict_errors(shapes_root, tiny_ckpt, tmp_path, capsys):
     state["state_dict"]["model.box_head.mlp.0.weight"] = torch.zeros(3, 3)
     torch.save(state, tmp_path / "other.ckpt")
     assert main(["predict", "--image", str(image), "--text", "x", "--ckpt", str(tmp_path / "other.ckpt")]) == 2
-    assert "shape of model.box_head.mlp.0.weight" in capsys.readouterr().err
+    assert "shape mismatch for model.box_head.mlp.0.weight" in capsys.readouterr().err
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
     assert main(["predict", "--image", str(image), "--text", "x", "--ckpt", str(tmp_path / "foreign.ckpt")]) == 2
     assert "not a vglaw training checkpoint" in capsys.readouterr().err
@@ -273,3 +279,88 @@ def test_learning_curve_legend_avoids_the_curves(tmp_path):
     assert Image.open(png).size == (640, 360)
     with pytest.raises(ValueError, match="nothing to plot"):
         line_chart({"val/miou": []}, tmp_path / "d.png", "t")
+
+
+def test_l1_is_summed_over_coordinates_and_averaged_over_the_batch():
+    from vglaw.training.losses import box_losses
+
+    pred = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.4, 0.6, 0.3, 0.1]])
+    target = torch.tensor([[0.6, 0.5, 0.2, 0.4], [0.4, 0.6, 0.3, 0.1]])
+    # sample 0: |0.1| + 0 + 0 + |0.2| = 0.3; sample 1: 0 -> (0.3 + 0) / 2 = 0.15 (a mean over
+    # coordinates would give 0.0375)
+    assert box_losses(pred, target)["l1"].item() == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("task,monitor", [("mask", "val/miou"), ("both", "val/prec@0.5")])
+def test_paper_config_trains_each_task_and_logs_to_tensorboard(tmp_path, monkeypatch, task, monitor):
+    """`configs/refcoco.yaml` with the tiny model on a refer fixture, two epochs: the checkpoint
+    follows the task's metric (a mask-only model logs no Prec@0.5), and TensorBoard receives the
+    per-split metrics and each parameter group's learning rate."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.fixtures import write_refcoco
+
+    write_refcoco(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # the config logs under runs/refcoco
+    main(["fit", "--config", str(REPO / "configs" / "refcoco.yaml"), "--data.data_root=data",
+          "--model.variant=vglaw_tiny", "--model.visual_weights=null", "--model.model_args=null",
+          f"--model.task={task}",
+          "--data.text_encoder=minilm", "--data.img_size=64", "--data.batch_size=2", "--data.global_batch_size=null",
+          "--data.num_workers=0", "--trainer.precision=32-true", "--trainer.max_epochs=2", "--model.warmup_steps=1",
+          "--trainer.log_every_n_steps=1"])
+    ckpts = sorted(p.name for p in (tmp_path / "runs" / "refcoco" / "logs" / "version_0" / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(p.startswith("best-") for p in ckpts)
+    state = torch.load(tmp_path / "runs" / "refcoco" / "logs" / "version_0" / "checkpoints" / "last.ckpt",
+                       weights_only=False)
+    assert state["epoch"] == 1 and any(monitor in str(k) for k in state["callbacks"])
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "refcoco" / "logs" / "version_0" / "metrics.csv")))
+    assert sum(1 for r in rows if r.get(monitor)) == 2  # both epochs validated
+    events = EventAccumulator(str(next((tmp_path / "runs" / "refcoco" / "tensorboard").rglob("events.*")))).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert monitor in tags and "train/loss" in tags
+    assert {"lr-AdamW/visual", "lr-AdamW/text", "lr-AdamW/other"} <= tags
+
+
+class _Interrupt(pl.Callback):
+    """Ctrl+C at a given step, as Lightning sees it."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def _fit_scratch(shapes_root, root, epochs, ckpt_path=None, interrupt_at=None):
+    from vglaw.training.callbacks import Checkpoint
+
+    pl.seed_everything(0, workers=True)
+    dm = ReferDataModule(dataset="shapes", data_root=str(shapes_root), img_size=64, batch_size=4, num_workers=0,
+                         color_jitter_p=0.8)
+    module = VGLAWModule(variant="vglaw_tiny_scratch", img_size=64, warmup_steps=2, milestones=[100], weight_lap=1.0,
+                         model_args={"text_cache_size": 1000})
+    callbacks = [Checkpoint(dirpath=root, save_last=True, monitor="val/prec@0.5", mode="max"), RNGState()]
+    if interrupt_at is not None:
+        callbacks.append(_Interrupt(interrupt_at))
+    trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=4, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks, default_root_dir=root)
+    try:
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+    except SystemExit:  # Lightning's graceful shutdown after Ctrl+C
+        assert interrupt_at is not None
+    return module.state_dict()
+
+
+def test_interrupted_run_resumes_from_last_ckpt_exactly(shapes_root, tmp_path):
+    """last.ckpt is the last completed epoch even when no new best was saved (val Prec@0.5 of a
+    4-step model stays flat), and a run interrupted mid-epoch and resumed from it ends with
+    exactly the uninterrupted run's weights (text cache, colour jitter and dropout included)."""
+    straight = _fit_scratch(shapes_root, tmp_path / "a", epochs=4)
+    _fit_scratch(shapes_root, tmp_path / "b", epochs=4, interrupt_at=10)  # during epoch 2 (4 steps each)
+    last = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1 and last["global_step"] == 8
+    resumed = _fit_scratch(shapes_root, tmp_path / "c", epochs=4, ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k

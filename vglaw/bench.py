@@ -102,9 +102,9 @@ def model_costs(name: str, quick: bool) -> dict:
     with torch.no_grad():
         total = count_flops(lambda: model(*x))
         text = count_flops(lambda: model.text(x[1], x[2]))
-        h1 = model.aggregator(model.text(x[1], x[2])[0], x[2])
-        backbone = count_flops(lambda: model.backbone(x[0], model.weight_generator(h1)))
-        static = count_flops(lambda: model.backbone(x[0], None))
+        qkv = model.language_weights(x[1], x[2]).qkv
+        backbone = count_flops(lambda: model.forward_features(x[0], qkv))
+        static = count_flops(lambda: model.forward_features(x[0], None))
     out = {
         "params_M": params / 1e6,
         "params_visual_M": sum(p.numel() for p in model.backbone.parameters()) / 1e6,

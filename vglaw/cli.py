@@ -30,23 +30,34 @@ def count_devices(devices, accelerator: str = "auto") -> int:
     return int(text)
 
 
+def monitor_key(task: str, val_splits: list[str] | None) -> str:
+    """The metric that picks the best checkpoint: the first validation split's Prec@0.5 for a
+    model with a box head, its mIoU for a mask-only model (which logs no Prec@0.5)."""
+    split = (val_splits or ["val"])[0]
+    return f"{split}/{'miou' if task == 'mask' else 'prec@0.5'}"
+
+
 def lightning_main(args: list[str]) -> None:
-    from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.cli import LightningCLI
 
     from vglaw.data.datamodule import ReferDataModule
+    from vglaw.training.callbacks import Checkpoint, RNGState
     from vglaw.training.module import VGLAWModule
 
     class VGLAWCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
-            # The model must see the images and tokens the data module makes.
+            # Settings the model and the data must agree on are given once, on one side.
             parser.link_arguments("data.img_size", "model.img_size")
             parser.link_arguments("data.text_encoder", "model.text_encoder")
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.link_arguments("model.weight_seg", "data.categories", compute_fn=lambda w: w > 0)
+            parser.link_arguments("data.num_categories", "model.seg_classes", apply_on="instantiate")
+            parser.add_lightning_class_args(Checkpoint, "checkpoint")
+            parser.link_arguments(("model.task", "data.val_splits"), "checkpoint.monitor", compute_fn=monitor_key)
             parser.set_defaults({
-                "checkpoint.monitor": "val/prec@0.5", "checkpoint.mode": "max", "checkpoint.save_last": True,
+                "checkpoint.mode": "max", "checkpoint.save_last": True,
                 "checkpoint.filename": "best-{epoch}", "checkpoint.auto_insert_metric_name": False,
             })
+            parser.add_lightning_class_args(RNGState, "rng_state")
 
         def before_instantiate_classes(self) -> None:
             import torch

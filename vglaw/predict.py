@@ -13,9 +13,10 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from vglaw.data.refer import BadSampleError, load_rgb
-from vglaw.data.transforms import GroundingTransform, boxes_to_original, mask_to_original
+from vglaw.data.transforms import GroundingTransform, to_original
+from vglaw.models.checkpoint import state_dict_problems
 from vglaw.models.text_encoder import MAX_TOKENS, load_tokenizer
-from vglaw.training.module import MASK_THRESHOLD, VGLAWModule
+from vglaw.training.module import VGLAWModule
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
@@ -45,14 +46,10 @@ def load_module(ckpt: str | Path, device: str = "cpu") -> VGLAWModule:
         module = VGLAWModule(**hp)
     except TypeError as err:
         raise CheckpointError(f"{ckpt} was saved by another configuration of vglaw: {err}") from err
-    own = module.state_dict()
-    problems = [f"unexpected {k}" for k in state["state_dict"] if k not in own]
-    problems += [f"missing {k}" for k in own if k not in state["state_dict"]]
-    problems += [f"shape of {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}"
-                 for k, v in state["state_dict"].items() if k in own and v.shape != own[k].shape]
+    problems = state_dict_problems(state["state_dict"], module.state_dict(), limit=20)
     if problems:
         raise CheckpointError(f"{ckpt} does not match its own configuration ({hp['variant']}):\n  " +
-                              "\n  ".join(problems[:20]))
+                              "\n  ".join(problems))
     module.load_state_dict(state["state_dict"])
     return module.eval().to(device)
 
@@ -71,18 +68,15 @@ def predict(module: VGLAWModule, image: np.ndarray, texts: list[str]) -> list[di
     images = torch.stack([s["image"] for s in samples]).to(device)
     outputs = module.model(images, tokens["input_ids"], tokens["attention_mask"])
     scale, pad, orig = (torch.stack([s[k] for s in samples]).to(device) for k in ("scale", "pad", "orig_size"))
+    pred = to_original(outputs, scale, pad, orig, module.img_size)
     results = [{"text": t} for t in texts]
-    if "boxes" in outputs:
-        boxes = boxes_to_original(outputs["boxes"], scale, pad, orig, module.img_size)
-        for r, b in zip(results, boxes.tolist()):
-            r["box"] = [round(v, 2) for v in b]
-    if "mask_logits" in outputs:
-        for i, r in enumerate(results):
-            prob = mask_to_original(outputs["mask_logits"][i], scale[i], pad[i], orig[i]).sigmoid()
-            m = prob > MASK_THRESHOLD
-            r["mask"] = m.cpu().numpy()
+    for i, r in enumerate(results):
+        if "boxes" in pred:
+            r["box"] = [round(v, 2) for v in pred["boxes"][i].tolist()]
+        if "masks" in pred:
+            r["mask"] = pred["masks"][i].cpu().numpy()
             # Confidence of the mask: its mean probability over the predicted pixels.
-            r["score"] = round(float(prob[m].mean()) if m.any() else 0.0, 4)
+            r["score"] = round(float(pred["mask_scores"][i]), 4)
     return results
 
 

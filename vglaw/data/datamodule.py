@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from vglaw.data.refer import DEFAULT_SPLIT_BY, ReferDataset
+from vglaw.data.refer import DEFAULT_SPLIT_BY, ReferDataset, category_count
 from vglaw.data.transforms import GroundingTransform
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, MAX_TOKENS, load_tokenizer
 
@@ -66,14 +66,19 @@ class ReferDataModule(pl.LightningDataModule):
         num_workers: loader processes per device.
         text_encoder: tokenizer source, the same name or folder as the model's text encoder.
         max_tokens: expressions are truncated to this many tokens, `[CLS]` included.
-        augment: random crop, flip and colour jitter for training.
-        crop_p: probability of the random box-safe crop (never applied to expressions with a
-            direction word). A crop is resized back to the input size, so it changes how big
-            everything looks: set 0 where size is absolute, as "small" / "big" are in shapes.
+        flip_p: probability of the training flip, which swaps "left"/"right" as whole words
+            (paper: 0.5, the paper's only augmentation).
+        crop_p: probability of a random box-safe crop, resized back (never applied to
+            expressions with a direction word; not the paper's). It changes how big everything
+            looks, so leave it 0 where size is absolute, as "small" / "big" are in shapes.
+        color_jitter_p: probability of brightness/contrast/saturation jitter (never hue, which
+            expressions name; not the paper's).
+        translate_p: probability of placing the image at a random offset in the letterbox
+            instead of its centre (the official port's random translation; not in the paper).
         skip_invalid: drop bad samples with a counted warning instead of stopping.
         cache_images: keep decoded images and masks in memory (per worker); for small datasets.
         categories: add category maps of every annotated object ("categories"), the target of
-            the model's auxiliary segmentation loss (`VGLAWModule.weight_seg`).
+            the auxiliary category loss (`VGLAWModule.weight_seg`, which the CLI links to it).
     """
 
     def __init__(
@@ -90,8 +95,10 @@ class ReferDataModule(pl.LightningDataModule):
         num_workers: int = 4,
         text_encoder: str = DEFAULT_TEXT_ENCODER,
         max_tokens: int = MAX_TOKENS,
-        augment: bool = True,
-        crop_p: float = 0.5,
+        flip_p: float = 0.5,
+        crop_p: float = 0.0,
+        color_jitter_p: float = 0.0,
+        translate_p: float = 0.0,
         skip_invalid: bool = False,
         cache_images: bool = False,
         categories: bool = False,
@@ -104,9 +111,8 @@ class ReferDataModule(pl.LightningDataModule):
         self.val_splits = list(val_splits or ["val"])
         self.test_splits = list(test_splits or ["test"])
         self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
-        if not 0.0 <= crop_p <= 1.0:
-            raise ValueError(f"crop_p must be in [0, 1], got {crop_p}")
-        self.augment, self.crop_p = augment, crop_p
+        self.augmentation = dict(flip_p=flip_p, crop_p=crop_p, color_jitter_p=color_jitter_p, translate_p=translate_p)
+        GroundingTransform(img_size, train=True, **self.augmentation)  # checks the probabilities now
         self.skip_invalid, self.cache_images, self.categories = skip_invalid, cache_images, categories
         self.collate = Collate(text_encoder, max_tokens)
         self._sets: dict[str, ReferDataset] = {}
@@ -114,12 +120,19 @@ class ReferDataModule(pl.LightningDataModule):
     def split(self, name: str, train: bool = False) -> ReferDataset:
         key = f"{name}:{train}"
         if key not in self._sets:
-            transform = GroundingTransform(self.img_size, train=train and self.augment, crop_p=self.crop_p,
-                                           keep_original=not train)
+            transform = GroundingTransform(self.img_size, train=train, keep_original=not train, **self.augmentation)
             self._sets[key] = ReferDataset(self.data_root, self.dataset, name, self.split_by,
                                            skip_invalid=self.skip_invalid and train, transform=transform,
                                            cache=self.cache_images, categories=self.categories)
         return self._sets[key]
+
+    @property
+    def num_categories(self) -> int:
+        """Classes of the category maps (background included), 0 without `categories`: the
+        model's `seg_classes`, linked by the CLI."""
+        if not self.categories:
+            return 0
+        return category_count(self.data_root, self.dataset)
 
     def _loader(self, name: str, train: bool) -> DataLoader:
         return DataLoader(self.split(name, train), batch_size=self.batch_size, shuffle=train, drop_last=train,

@@ -41,6 +41,18 @@ HOW_TO_GET = "see data/README.md for where to download it and the expected layou
 IGNORE = 255  # category-map value of crowd regions: no loss there
 
 
+def category_count(root: str | Path, dataset: str) -> int:
+    """Classes of `dataset`'s category maps: its instances.json categories + 1 for background."""
+    path = Path(root) / dataset / "instances.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{dataset}: expected {path} ({HOW_TO_GET})")
+    with open(path) as f:
+        categories = json.load(f).get("categories")
+    if not isinstance(categories, list) or not categories:
+        raise ValueError(f"{path} has no 'categories' list, which the category maps need")
+    return len(categories) + 1
+
+
 class BadSampleError(ValueError):
     """A sample that cannot be used: bad image, box, expression or annotation reference."""
 

@@ -63,9 +63,40 @@ def mask_to_original(logits: Tensor, scale: Tensor, pad: Tensor, orig_size: Tens
     """(1, S, S) mask logits of one letterboxed sample -> (h, w) logits in original pixels."""
     h, w = (int(v) for v in orig_size)
     left, top = (int(v) for v in pad)
-    new_w, new_h = round(w * float(scale[0])), round(h * float(scale[1]))
+    new_w, new_h = max(1, round(w * float(scale[0]))), max(1, round(h * float(scale[1])))
     crop = logits[..., top : top + new_h, left : left + new_w]  # (1, new_h, new_w)
     return F.interpolate(crop[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+
+
+MASK_THRESHOLD = 0.35  # sigmoid probability above which a pixel is in the mask (paper)
+
+
+def to_original(outputs: dict[str, Tensor], scale: Tensor, pad: Tensor, orig_size: Tensor,
+                img_size: int) -> dict[str, list]:
+    """The model's outputs in original-image pixels: the one place metrics and prediction share.
+
+    Args:
+        outputs: model outputs ("boxes" (B, 4) normalised cxcywh, "mask_logits" (B, 1, S, S)).
+        scale, pad, orig_size: the letterbox records (B, 2) of each sample.
+        img_size: S.
+
+    Returns:
+        "boxes": (B, 4) xyxy in original pixels (box tasks); "masks": B boolean (h, w) masks at
+        `MASK_THRESHOLD` and "mask_scores": (B,) the mean probability over each mask's pixels
+        (0 for an empty mask) (mask tasks).
+    """
+    out: dict[str, list] = {}
+    if "boxes" in outputs:
+        out["boxes"] = boxes_to_original(outputs["boxes"], scale, pad, orig_size, img_size)
+    if "mask_logits" in outputs:
+        masks, scores = [], []
+        for i in range(len(outputs["mask_logits"])):
+            prob = mask_to_original(outputs["mask_logits"][i], scale[i], pad[i], orig_size[i]).sigmoid()
+            m = prob > MASK_THRESHOLD
+            masks.append(m)
+            scores.append(prob[m].mean() if m.any() else prob.new_zeros(()))
+        out["masks"], out["mask_scores"] = masks, torch.stack(scores)
+    return out
 
 
 # The optional category map travels like the mask: nearest resampling, 0 (background) padding.
@@ -75,36 +106,46 @@ CATEGORY_TARGET = {"categories": "mask"}
 class GroundingTransform:
     """Turn a raw refer sample into model inputs and targets.
 
+    Every augmentation is off by default except the flip; the paper uses the flip only.
+
     Args:
         img_size: S, the square input side.
         train: apply random augmentation.
-        crop_p: probability of a random box-safe crop (never with a direction word).
-        flip_p: probability of a horizontal flip (swapping left/right in the text).
+        flip_p: probability of a horizontal flip, swapping left/right in the text (paper: 0.5).
+        crop_p: probability of a random box-safe crop, resized back (never with a direction
+            word; not the paper's).
         color_jitter_p: probability of brightness/contrast/saturation jitter; hue is never
-            jittered because expressions name colours.
+            jittered because expressions name colours (not the paper's).
+        translate_p: probability of placing the resized image at a random offset inside the
+            S x S square instead of its centre (the official port's random translation).
         keep_original: also return the original box (xyxy) and mask, for metrics.
     """
 
-    def __init__(self, img_size: int, train: bool = False, crop_p: float = 0.5, flip_p: float = 0.5,
-                 color_jitter_p: float = 0.8, keep_original: bool = False) -> None:
-        self.img_size, self.train, self.flip_p, self.keep_original = img_size, train, flip_p, keep_original
+    def __init__(self, img_size: int, train: bool = False, flip_p: float = 0.5, crop_p: float = 0.0,
+                 color_jitter_p: float = 0.0, translate_p: float = 0.0, keep_original: bool = False) -> None:
+        for name, p in (("flip_p", flip_p), ("crop_p", crop_p), ("color_jitter_p", color_jitter_p),
+                        ("translate_p", translate_p)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        self.img_size, self.train, self.keep_original = img_size, train, keep_original
+        self.flip_p, self.translate_p = flip_p, translate_p
         bbox = A.BboxParams(format="coco", label_fields=["labels"], clip=True)
-        self.letterbox = A.Compose([
-            # INTER_NEAREST_EXACT samples pixel centres; plain INTER_NEAREST shifts masks by half a pixel.
-            A.LongestMaxSize(max_size=img_size, mask_interpolation=cv2.INTER_NEAREST_EXACT),
-            A.PadIfNeeded(img_size, img_size, position="center", border_mode=0, fill=0, fill_mask=0),
-        ], bbox_params=bbox, additional_targets=CATEGORY_TARGET)
+        # INTER_NEAREST_EXACT samples pixel centres; plain INTER_NEAREST shifts masks by half a pixel.
+        self.resize = A.Compose([A.LongestMaxSize(max_size=img_size, mask_interpolation=cv2.INTER_NEAREST_EXACT),
+                                 A.Normalize()],  # ImageNet mean and std
+                                bbox_params=bbox, additional_targets=CATEGORY_TARGET)
         # One pipeline per (crop allowed, flip drawn): each albumentations call costs ~1 ms of
         # bookkeeping, so a sample goes through one augmentation call, not one per transform.
-        self.augment = {
-            (crop, flip): A.Compose(
-                ([A.BBoxSafeRandomCrop(erosion_rate=0.0, p=crop_p)] if crop else [])
-                + ([A.HorizontalFlip(p=1.0)] if flip else [])
-                + [A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.0, p=color_jitter_p)],
-                bbox_params=bbox, additional_targets=CATEGORY_TARGET)
-            for crop in (False, True) for flip in (False, True)
-        }
-        self.normalize = A.Normalize()  # ImageNet mean and std
+        jitter = ([A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.0, p=color_jitter_p)]
+                  if color_jitter_p > 0 else [])
+        self.augment = {}
+        for crop in (False, True):
+            for flip in (False, True):
+                spatial = (([A.BBoxSafeRandomCrop(erosion_rate=0.0, p=crop_p)] if crop and crop_p > 0 else [])
+                           + ([A.HorizontalFlip(p=1.0)] if flip else []))
+                steps = spatial + jitter
+                self.augment[(crop, flip)] = (A.Compose(steps, bbox_params=bbox if spatial else None,
+                                                        additional_targets=CATEGORY_TARGET) if steps else None)
 
     def __call__(self, sample: dict) -> dict:
         image, text = sample["image"], sample["text"]
@@ -112,28 +153,44 @@ class GroundingTransform:
         extra = {"categories": sample["categories"]} if "categories" in sample else {}
         bboxes, labels = ([sample["bbox"].tolist()], [0]) if "bbox" in sample else ([], [])
         h, w = image.shape[:2]
+        translate = False
         if self.train:
             # albumentations draws from its own generators, seeded from OS entropy unless told;
             # seeding them from `random` puts augmentation under seed_everything (and resume).
             seed = random.getrandbits(31)
             flip = random.random() < self.flip_p
+            translate = random.random() < self.translate_p
             augment = self.augment[(not has_direction_word(text), flip)]
-            augment.set_random_seed(seed)
-            r = augment(image=image, mask=mask, bboxes=bboxes, labels=labels, **extra)
-            image, mask, bboxes = r["image"], r["mask"], r["bboxes"]
-            extra = {k: r[k] for k in extra}
+            if augment is not None:
+                augment.set_random_seed(seed)
+                r = augment(image=image, mask=mask, bboxes=bboxes, labels=labels, **extra)
+                image, mask, bboxes = r["image"], r["mask"], r["bboxes"]
+                extra = {k: r[k] for k in extra}
             if flip:
                 text = flip_text(text)
         ch, cw = image.shape[:2]
-        r = self.letterbox(image=image, mask=mask, bboxes=bboxes, labels=labels, **extra)
-        new_h = round(ch * min(self.img_size / ch, self.img_size / cw))
-        new_w = round(cw * min(self.img_size / ch, self.img_size / cw))
-        pad = ((self.img_size - new_w) // 2, (self.img_size - new_h) // 2)  # PadIfNeeded's centre rule
-        x, y, bw, bh = np.asarray(r["bboxes"][0], dtype=np.float32) if bboxes else np.zeros(4, dtype=np.float32)
+        r = self.resize(image=image, mask=mask, bboxes=bboxes, labels=labels, **extra)
+        new_h, new_w = r["image"].shape[:2]
         S = self.img_size
+        if translate:
+            pad = (random.randint(0, S - new_w), random.randint(0, S - new_h))
+        else:
+            pad = ((S - new_w) // 2, (S - new_h) // 2)
+        left, top = pad
+        # Letterbox padding is the mean colour: zero after normalisation, as in the official port.
+        canvas = np.zeros((S, S, 3), dtype=np.float32)
+        canvas[top : top + new_h, left : left + new_w] = r["image"]
+
+        def place(m: np.ndarray, dtype) -> np.ndarray:
+            out = np.zeros((S, S), dtype=dtype)
+            out[top : top + new_h, left : left + new_w] = m
+            return out
+
+        x, y, bw, bh = np.asarray(r["bboxes"][0], dtype=np.float32) if bboxes else np.zeros(4, dtype=np.float32)
+        x, y = x + left, y + top
         out = {
-            "image": torch.from_numpy(self.normalize(image=r["image"])["image"].transpose(2, 0, 1).copy()),
-            "mask": torch.from_numpy(r["mask"].astype(np.float32)),
+            "image": torch.from_numpy(canvas.transpose(2, 0, 1).copy()),
+            "mask": torch.from_numpy(place(r["mask"], np.float32)),
             "box": torch.tensor([(x + bw / 2) / S, (y + bh / 2) / S, bw / S, bh / S], dtype=torch.float32),
             "text": text,
             "scale": torch.tensor([new_w / cw, new_h / ch], dtype=torch.float32),
@@ -142,7 +199,7 @@ class GroundingTransform:
             "index": sample.get("index", -1),
         }
         if extra:
-            out["categories"] = torch.from_numpy(r["categories"].astype(np.int64))
+            out["categories"] = torch.from_numpy(place(r["categories"], np.int64))
         if self.keep_original:
             if (ch, cw) != (h, w):
                 raise ValueError("keep_original is for evaluation, where the image is not cropped")

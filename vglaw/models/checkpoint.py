@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vglaw.models.geometry import resize_abs_pos, resize_rel_pos
+from vglaw.models.geometry import fit_rel_pos, resize_abs_pos
 from vglaw.safe_pickle import plain_load
 
 StateDict = dict[str, Tensor]
@@ -84,8 +84,8 @@ def detect_format(state_dict: StateDict) -> str:
     )
 
 
-def _resize_tables(state_dict: StateDict, model: nn.Module) -> StateDict:
-    """Resize pos_embed and relative tables to the shapes `model` holds."""
+def _resize_tables(state_dict: StateDict, model: nn.Module, rel_pos: str = "crop") -> StateDict:
+    """Resize pos_embed (bicubic) and relative tables (`fit_rel_pos`) to the shapes `model` holds."""
     target = model.state_dict()
     out = {}
     for k, v in state_dict.items():
@@ -100,7 +100,7 @@ def _resize_tables(state_dict: StateDict, model: nn.Module) -> StateDict:
                 v = v.reshape(1, side, side, v.shape[-1])  # (1, h, w, C)
             v = resize_abs_pos(v.float(), tuple(grid))
         elif re.fullmatch(r"blocks\.\d+\.attn\.rel_pos_[hw]", k) and k in target:
-            v = resize_rel_pos(v.float(), target[k].shape[0])
+            v = fit_rel_pos(v.float(), target[k].shape[0], rel_pos)
         out[k] = v
     return out
 
@@ -119,39 +119,51 @@ def _filter(state_dict: StateDict, fmt: str) -> StateDict:
     return out
 
 
-def checkpoint_filter_fn(state_dict: StateDict, model: nn.Module) -> tuple[StateDict, str]:
+def checkpoint_filter_fn(state_dict: StateDict, model: nn.Module, rel_pos: str = "crop") -> tuple[StateDict, str]:
     """Convert a checkpoint of any supported format to `model`'s (a `ViTDet`) names and shapes.
+
+    Args:
+        rel_pos: how longer relative-position tables reach the model's grid: "crop" (the
+            paper's: centre crop, e.g. 127 -> 55 for a 1024-px ViTDet at 448) or
+            "interpolate" (detectron2's). Tables that cannot be cropped are interpolated.
 
     Returns:
         the converted state dict and the detected format name.
     """
     fmt = detect_format(state_dict)
-    return _resize_tables(_filter(state_dict, fmt), model), fmt
+    return _resize_tables(_filter(state_dict, fmt), model, rel_pos), fmt
 
 
-def load_visual_weights(backbone: nn.Module, path: str | Path, log: Callable[[str], None] | None = print) -> str:
+def state_dict_problems(given: StateDict, expected: dict[str, Tensor], may_be_missing: re.Pattern | None = None,
+                        limit: int | None = None) -> list[str]:
+    """Every key of `given` that `expected` lacks, every key of `expected` that `given` lacks
+    (unless `may_be_missing` matches it in full), and every shape that differs, one line each."""
+    problems = [f"unexpected key {k} {tuple(v.shape)}" for k, v in given.items() if k not in expected]
+    problems += [f"shape mismatch for {k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+                 for k, v in given.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    problems += [f"missing key {k}" for k in expected
+                 if k not in given and (may_be_missing is None or not may_be_missing.fullmatch(k))]
+    return problems[:limit] if limit else problems
+
+
+def load_visual_weights(backbone: nn.Module, path: str | Path, log: Callable[[str], None] | None = print,
+                        rel_pos: str = "crop") -> str:
     """Strictly load a pretrained visual checkpoint into `backbone`.
 
     Raises:
         ValueError: naming every unexpected key, every missing key not covered by
             `MAY_BE_MISSING`, and every shape mismatch.
     """
-    state_dict, fmt = checkpoint_filter_fn(read_checkpoint(path), backbone)
+    state_dict, fmt = checkpoint_filter_fn(read_checkpoint(path), backbone, rel_pos)
     target = backbone.state_dict()
-    problems = []
-    for k, v in state_dict.items():
-        if k not in target:
-            problems.append(f"unexpected key {k} {tuple(v.shape)}")
-        elif v.shape != target[k].shape:
-            problems.append(f"shape mismatch for {k}: checkpoint {tuple(v.shape)}, model {tuple(target[k].shape)}")
-    allowed = MAY_BE_MISSING[fmt]
-    missing = [k for k in target if k not in state_dict]
-    problems += [f"missing key {k}" for k in missing if allowed is None or not allowed.fullmatch(k)]
+    problems = state_dict_problems(state_dict, target, MAY_BE_MISSING[fmt])
     if problems:
         raise ValueError(f"{path} ({fmt} format) does not fit the backbone:\n  " + "\n  ".join(problems))
+    missing = [k for k in target if k not in state_dict]
     result = backbone.load_state_dict(state_dict, strict=False)
     assert not result.unexpected_keys
     if log is not None:
+        allowed = MAY_BE_MISSING[fmt]
         note = f", {len(missing)} keys left at initialisation ({allowed.pattern})" if missing else ""
         log(f"loaded {fmt} visual weights from {path}{note}")
     return fmt

@@ -3,25 +3,53 @@ from __future__ import annotations
 
 from typing import Any
 
+from vglaw.models.scratch import ScratchVGLAW
 from vglaw.models.vglaw import VGLAW
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    # The paper configuration: ViTDet ViT-B/16 at 448, 6-layer BERT.
-    "vglaw_vitb": dict(img_size=448, patch_size=16, embed_dim=768, depth=12, num_heads=12, window_size=14,
-                       window_block_indexes=(0, 1, 3, 4, 6, 7, 9, 10), text_layers=6),
-    # Small enough to train on a CPU in minutes (the shapes demo). It keeps all six MiniLM layers:
-    # after two, MiniLM's [CLS] feature is the same for every expression (cosine 1.00), which
-    # leaves both heads without language; after six it separates them (cosine 0.65-0.97).
-    "vglaw_small": dict(img_size=128, patch_size=16, embed_dim=128, depth=4, num_heads=4, window_size=4,
-                        window_block_indexes=(0, 2), drop_path_rate=0.0, text_layers=None, mask_dim=64),
-    # For unit tests: seconds on a CPU.
-    "vglaw_tiny": dict(img_size=64, patch_size=16, embed_dim=48, depth=4, num_heads=2, window_size=2,
-                       window_block_indexes=(0, 2), drop_path_rate=0.0, text_layers=1, rank=8, lap_dim=16),
+_VITB = dict(img_size=448, patch_size=16, embed_dim=768, depth=12, num_heads=12, window_size=14,
+             window_block_indexes=(0, 1, 3, 4, 6, 7, 9, 10), text_layers=6)
+# Small enough to train on a CPU in minutes. It keeps all six MiniLM layers: after two, MiniLM's
+# [CLS] feature is the same for every expression (cosine 1.00), which leaves both heads without
+# language; after six it separates them (cosine 0.65-0.97).
+_SMALL = dict(img_size=128, patch_size=16, embed_dim=128, depth=4, num_heads=4, window_size=4,
+              window_block_indexes=(0, 2), drop_path_rate=0.0, text_layers=None, mask_dim=64)
+_TINY = dict(img_size=64, patch_size=16, embed_dim=48, depth=4, num_heads=2, window_size=2,
+             window_block_indexes=(0, 2), drop_path_rate=0.0, text_layers=1, rank=8, lap_dim=16)
+_SCRATCH = dict(stem_depth=3, mask_skip=True, sentence="mean", freeze_text=True)
+
+# name -> (class, constructor arguments)
+VARIANTS: dict[str, tuple[type[VGLAW], dict[str, Any]]] = {
+    "vglaw_vitb": (VGLAW, _VITB),  # the paper: ViTDet ViT-B/16 at 448, 6-layer BERT
+    "vglaw_small": (VGLAW, _SMALL),  # the paper's architecture, CPU-sized
+    "vglaw_tiny": (VGLAW, _TINY),  # for unit tests: seconds on a CPU
+    # Trained from scratch (the shapes demo): see `vglaw.models.scratch`.
+    "vglaw_small_scratch": (ScratchVGLAW, {**_SMALL, **_SCRATCH}),
+    "vglaw_tiny_scratch": (ScratchVGLAW, {**_TINY, **_SCRATCH, "stem_depth": 1}),
 }
 
 
 def list_models() -> list[str]:
     return sorted(VARIANTS)
+
+
+def variant_args(name: str, **overrides: Any) -> tuple[type[VGLAW], dict[str, Any]]:
+    """The class and full constructor arguments of a named variant with `overrides` applied.
+
+    Raises:
+        KeyError: unknown name.
+        TypeError: an override the variant's class does not take, named.
+    """
+    if name not in VARIANTS:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    cls, args = VARIANTS[name]
+    args = {**args, **overrides}
+    import inspect
+
+    accepted = set(inspect.signature(VGLAW.__init__).parameters) | set(inspect.signature(cls.__init__).parameters)
+    unknown = sorted(set(args) - accepted)
+    if unknown:
+        raise TypeError(f"model {name!r} ({cls.__name__}) takes no argument {', '.join(unknown)}")
+    return cls, args
 
 
 def create_model(name: str = "vglaw_vitb", visual_weights: str | None = None, **overrides: Any) -> VGLAW:
@@ -30,11 +58,11 @@ def create_model(name: str = "vglaw_vitb", visual_weights: str | None = None, **
     Args:
         name: one of `list_models()`.
         visual_weights: detectron2 ViTDet `.pkl`, MAE `.pth` or timm SAM-ViT `.pth`/`.safetensors`.
-        **overrides: any `VGLAW` constructor argument (e.g. `text_encoder=...`, `task="box"`).
+        **overrides: constructor arguments of the variant's class (e.g. `text_encoder=...`, `task="box"`).
     """
-    if name not in VARIANTS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    model = VGLAW(**{**VARIANTS[name], **overrides})
+    cls, args = variant_args(name, **overrides)
+    model = cls(**args)
+    model.variant = name
     if visual_weights is not None:
         from vglaw.models.checkpoint import load_visual_weights
 

@@ -58,6 +58,36 @@ def resize_rel_pos(rel_pos: Tensor, length: int) -> Tensor:
     return table.squeeze(0).t().to(rel_pos.dtype)  # (length, head_dim)
 
 
+def crop_rel_pos(rel_pos: Tensor, length: int) -> Tensor:
+    """Keep the central `length` rows of a (L, head_dim) relative position table.
+
+    Row L // 2 of a table is offset 0, so the centre crop keeps the embeddings of offsets
+    -(length // 2) .. length // 2 exactly as trained: a 1024-px ViTDet global table (127 rows, a
+    64-token grid) cropped to a 448-px grid (55 rows) keeps rows 36..90, as the official VG-LAW
+    code does (`[36:-36]`).
+
+    Raises:
+        ValueError: the table is shorter than `length` or the difference is odd (no centre).
+    """
+    L = rel_pos.shape[0]
+    if L < length or (L - length) % 2:
+        raise ValueError(f"cannot centre-crop a relative position table of {L} rows to {length}")
+    start = (L - length) // 2
+    return rel_pos[start : start + length]
+
+
+def fit_rel_pos(rel_pos: Tensor, length: int, mode: str = "crop") -> Tensor:
+    """A relative table of `length` rows: centre-cropped where `mode` is "crop" and the table is
+    longer by an even number of rows (the paper's choice for ViTDet's 1024-px tables), linearly
+    interpolated otherwise (detectron2's choice, and the only one for a shorter table)."""
+    if mode not in ("crop", "interpolate"):
+        raise ValueError(f"rel_pos mode must be 'crop' or 'interpolate', got {mode!r}")
+    L = rel_pos.shape[0]
+    if mode == "crop" and L > length and (L - length) % 2 == 0:
+        return crop_rel_pos(rel_pos, length)
+    return resize_rel_pos(rel_pos, length)
+
+
 def get_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
     """Relative position embeddings for every (query, key) pair along one axis.
 

@@ -1,4 +1,5 @@
-"""Task heads on the backbone's last feature map.
+"""Task heads on the backbone's last feature map: language-adaptive pooling (box) and the
+transposed-convolution mask head.
 
 Layout: the backbone hands (B, H, W, C) channels-last tokens; the box head keeps them as
 (B, H·W, C); the mask head upsamples channels-last and returns channels-first (B, ·, H, W) logits.
@@ -13,11 +14,11 @@ from torch import Tensor, nn
 
 
 class LAPBoxHead(nn.Module):
-    """Language-adaptive pooling then a 3-layer MLP to a normalised (cx, cy, w, h) box.
+    """Language-adaptive pooling, then a 3-layer MLP to a normalised (cx, cy, w, h) box.
 
-    A = softmax_{HW}(φ_v(F̂_v) · φ_t(t) / √k); pooled = Σ A·F̂_v; box = σ(MLP(pooled)),
-    with F̂_v = LayerNorm(F_v): ViTDet has no final norm, and a from-scratch backbone's
-    residual stream grows, which would otherwise leave the attention logits badly scaled.
+    A = softmax_{HW}(φ_v(F_v) · φ_t(F_l¹) / √k); pooled = Σ A·F_v over the raw backbone
+    features; box = σ(MLP(pooled)). The 1/√k is the official port's (a single-head attention
+    with k = 64).
 
     Args:
         visual_dim: C.
@@ -26,11 +27,8 @@ class LAPBoxHead(nn.Module):
         hidden_dim: width of the MLP's two hidden layers.
     """
 
-    def __init__(self, visual_dim: int, text_dim: int, attn_dim: int = 64, hidden_dim: int = 256,
-                 logit_scale: float | None = None) -> None:
+    def __init__(self, visual_dim: int, text_dim: int, attn_dim: int = 64, hidden_dim: int = 256) -> None:
         super().__init__()
-        self.logit_scale = logit_scale if logit_scale is not None else 1 / math.sqrt(attn_dim)
-        self.norm = nn.LayerNorm(visual_dim, eps=1e-6)
         self.visual_proj = nn.Linear(visual_dim, attn_dim)
         self.text_proj = nn.Linear(text_dim, attn_dim)
         self.mlp = nn.Sequential(
@@ -42,12 +40,12 @@ class LAPBoxHead(nn.Module):
         )
 
     def forward(self, features: Tensor, text_cls: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, H, W, C) features and (B, d_l) text -> boxes (B, 4) and attention (B, H, W)."""
+        """(B, H, W, C) features and (B, d_l) text -> boxes (B, 4) and attention A (B, H, W)."""
         B, H, W, C = features.shape
-        tokens = self.norm(features.reshape(B, H * W, C))  # (B, HW, C)
+        tokens = features.reshape(B, H * W, C)  # (B, HW, C)
         keys = self.visual_proj(tokens)  # (B, HW, k)
         query = self.text_proj(text_cls)  # (B, k)
-        logits = torch.einsum("bnk,bk->bn", keys, query) * self.logit_scale  # (B, HW)
+        logits = torch.einsum("bnk,bk->bn", keys, query) / math.sqrt(keys.shape[-1])  # (B, HW)
         attn = logits.softmax(dim=-1)
         pooled = torch.einsum("bn,bnc->bc", attn, tokens)  # (B, C)
         return self.mlp(pooled).sigmoid(), attn.view(B, H, W)
@@ -74,65 +72,53 @@ def conv_transpose_2x2(x: Tensor, conv: nn.ConvTranspose2d) -> Tensor:
     return y.reshape(B, 2 * H, 2 * W, cout)
 
 
+def conv_transpose_2x2_readout(y: Tensor, conv: nn.ConvTranspose2d, readout: Tensor) -> Tensor:
+    """Per-pixel dot products of `conv(y)` with O per-sample vectors, without building `conv(y)`.
+
+    The (B, 2H, 2W, Cout) output of the last transposed convolution is only ever read through a
+    few vectors, and the readout is linear, so the vectors are folded into the convolution's
+    weight per sample: the same function (up to rounding) at a fraction of the memory traffic.
+
+    Args:
+        y: (B, H, W, Cin) channels-last input.
+        conv: kernel-2, stride-2 transposed convolution Cin -> Cout.
+        readout: (B, Cout, O) vectors.
+
+    Returns:
+        (B, O, 2H, 2W): out[b, o] = Σ_c conv(y)[b, c] · readout[b, c, o], bias included.
+    """
+    B, H, W, cin = y.shape
+    n_out = readout.shape[-1]  # O
+    w_up = conv.weight.permute(0, 2, 3, 1).reshape(cin * 4, -1)  # (Cin·kh·kw, Cout)
+    w_y = (w_up @ readout).view(B, cin, 4 * n_out)  # (B, Cin, kh·kw·O)
+    out = torch.bmm(y.reshape(B, H * W, cin), w_y.to(y.dtype))  # (B, H·W, kh·kw·O)
+    out = out.view(B, H, W, 2, 2, n_out).permute(0, 5, 1, 3, 2, 4)  # (B, O, H, kh, W, kw)
+    out = out.reshape(B, n_out, 2 * H, 2 * W)  # (B, O, 2H, 2W)
+    bias = (conv.bias @ readout).to(out.dtype)  # (B, O)
+    return out + bias[:, :, None, None]
+
+
 class MaskHead(nn.Module):
-    """Two stride-2 transposed convolutions (stride 16 -> 4), a per-pixel dot product with the
-    projected `[CLS]` feature, and bilinear upsampling to the input size.
+    """Two stride-2 transposed convolutions (stride 16 -> 4, d_l channels out), a per-pixel
+    linear projection whose weight is the raw `[CLS]` feature, bilinear x4 upsampling.
+
+    s̄ = F̂_v · F_l¹ with F̂_v = up2(GELU(LN(up1(F_v)))); no projection of the text. The last
+    upsampling uses align_corners=True, as the official port's `nn.Upsample` does.
 
     Args:
         visual_dim: C.
-        text_dim: d_l.
-        hidden_dim: channels between the two transposed convolutions.
-        skip_dim: channels of a stride-4 image map added (projected to C) before the dot
-            product, so mask edges can follow the image inside a patch (not in the paper);
-            0 for none.
-        seg_classes: also classify every pixel of the stride-4 features into this many
-            categories (background included) with a linear layer, for an auxiliary loss that
-            teaches a from-scratch backbone what the objects are (not in the paper); 0 for none.
+        text_dim: d_l, the output width of the second transposed convolution.
+        hidden_dim: channels between the two transposed convolutions (paper: 256).
     """
 
-    def __init__(self, visual_dim: int, text_dim: int, hidden_dim: int = 256, skip_dim: int = 0,
-                 seg_classes: int = 0) -> None:
+    def __init__(self, visual_dim: int, text_dim: int, hidden_dim: int = 256) -> None:
         super().__init__()
         self.up1 = nn.ConvTranspose2d(visual_dim, hidden_dim, kernel_size=2, stride=2)
         self.norm = nn.LayerNorm(hidden_dim, eps=1e-6)
-        self.up2 = nn.ConvTranspose2d(hidden_dim, visual_dim, kernel_size=2, stride=2)
-        self.text_proj = nn.Linear(text_dim, visual_dim)
-        self.skip = nn.Linear(skip_dim, visual_dim) if skip_dim else None
-        self.seg = nn.Linear(visual_dim, seg_classes) if seg_classes else None
+        self.up2 = nn.ConvTranspose2d(hidden_dim, text_dim, kernel_size=2, stride=2)
 
-    def forward(self, features: Tensor, text_cls: Tensor, out_size: tuple[int, int],
-                skip: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """(B, H, W, C) features, (B, d_l) text [, (B, skip_dim, 4H, 4W) map] -> mask logits
-        (B, 1, *out_size) and, with `seg_classes`, category logits (B, seg_classes, *out_size).
-
-        The stride-4 features x = up2(y) [+ skip(map)] are only ever read through O = 1 +
-        seg_classes vectors (the projected text / √C and the classifier's rows), and everything
-        after the GELU is linear, so those vectors are folded into up2's and skip's weights per
-        sample and the (B, 4H, 4W, C) map is never built: the same function (up to rounding)
-        at a fraction of the memory traffic.
-        """
-        if (skip is None) != (self.skip is None):
-            raise ValueError("pass a skip map exactly when the head was built with skip_dim")
+    def forward(self, features: Tensor, text_cls: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """(B, H, W, C) features and (B, d_l) `[CLS]` -> mask logits (B, 1, *out_size)."""
         y = F.gelu(self.norm(conv_transpose_2x2(features, self.up1)))  # (B, 2H, 2W, hidden)
-        B, H2, W2, hidden = y.shape
-        C = self.up2.out_channels
-        readout = (self.text_proj(text_cls) / math.sqrt(C)).unsqueeze(-1)  # (B, C, 1)
-        if self.seg is not None:
-            readout = torch.cat([readout, self.seg.weight.t().expand(B, -1, -1)], dim=-1)  # (B, C, O)
-        n_out = readout.shape[-1]  # O
-        w_up = self.up2.weight.permute(0, 2, 3, 1).reshape(hidden * 4, C)  # (hidden·kh·kw, C)
-        w_y = (w_up @ readout).view(B, hidden, 4 * n_out)  # (B, hidden, kh·kw·O)
-        out = torch.bmm(y.reshape(B, H2 * W2, hidden), w_y)  # (B, 2H·2W, kh·kw·O)
-        out = out.view(B, H2, W2, 2, 2, n_out).permute(0, 5, 1, 3, 2, 4)  # (B, O, 2H, kh, 2W, kw)
-        out = out.reshape(B, n_out, 2 * H2, 2 * W2)  # (B, O, 4H, 4W)
-        bias = self.up2.bias @ readout  # (B, O)
-        if self.skip is not None:
-            w_skip = (self.skip.weight.t() @ readout).transpose(1, 2)  # (B, O, skip_dim)
-            out = out + torch.bmm(w_skip, skip.flatten(2)).view_as(out)  # (B, O, 4H, 4W)
-            bias = bias + self.skip.bias @ readout
-        if self.seg is not None:
-            bias = bias + torch.cat([self.seg.bias.new_zeros(1), self.seg.bias])
-        out = out + bias[:, :, None, None]
-        # Split before upsampling: a slice's backward fills a zero tensor of its source's size.
-        up = lambda t: F.interpolate(t, size=out_size, mode="bilinear", align_corners=False)  # (B, ·, *out_size)
-        return up(out[:, :1]), (up(out[:, 1:]) if self.seg is not None else None)
+        logits = conv_transpose_2x2_readout(y, self.up2, text_cls.unsqueeze(-1))  # (B, 1, 4H, 4W)
+        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=True)  # (B, 1, *out_size)

@@ -7,19 +7,29 @@ The model returns a dict of tensors and computes no loss.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from torch import Tensor, nn
 
 from vglaw.models.heads import LAPBoxHead, MaskHead
 from vglaw.models.language import LanguageAggregator, WeightGenerator
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder
-from vglaw.models.vitdet import ViTDet
+from vglaw.models.vitdet import LowRank, ViTDet
 
 TASKS = ("both", "box", "mask")
 
 
+class LanguageWeights(NamedTuple):
+    """What the expression contributes: the backbone's qkv updates and the heads' text feature."""
+
+    qkv: list[LowRank]  # one (down (B, C, d_w), up (d_w, 3C)) pair per visual block
+    sentence: Tensor  # (B, d_l), the feature the heads read (paper: `[CLS]`)
+    alpha: Tensor  # (B, depth, G, L), the aggregation weights, zero on padding
+    tokens: Tensor  # (B, L, d_l), F_l
+
+
 class VGLAW(nn.Module):
-    """Single-stage multi-task visual grounding with language-adaptive weights.
+    """Single-stage multi-task visual grounding with language-adaptive weights (Su et al., 2023).
 
     Args:
         img_size: square input side the position tables are sized for.
@@ -33,22 +43,12 @@ class VGLAW(nn.Module):
         text_encoder: Hugging Face BERT name or local folder, or "minilm" (packaged, offline).
         text_layers: keep the first n text layers (paper: 6); None keeps all.
         text_pretrained: load the text encoder's pretrained weights.
-        freeze_text: keep the text encoder fixed (no gradients, no dropout); the paper trains it.
-        text_cache_size: with `freeze_text`, remember the features of this many distinct
-            expressions instead of re-encoding them every epoch (0: no cache).
         groups: G, groups of the language aggregation.
         reduction: r, d_l -> d_l / r before weight generation.
         rank: d_w of the matrix factorisation.
         lap_dim: k, the attention width of the box head's language-adaptive pooling.
         mask_dim: channels between the mask head's two transposed convolutions (paper: 256).
         task: "both" (REC and RES), "box" (REC only) or "mask" (RES only).
-        text_pool: the sentence feature the heads read: "cls" (paper) or "mean" (see `TextEncoder`).
-        grad_checkpointing: recompute backbone blocks during backward.
-        stem: "patch" (ViTDet) or "conv" (`ConvStem`, for backbones trained from scratch).
-        stem_depth: stride-1 convolutions at stride 4 in the conv stem (see `ConvStem`).
-        mask_skip: feed the conv stem's stride-4 map to the mask head (needs stem="conv").
-        seg_classes: categories (background included) of the mask head's auxiliary per-pixel
-            classifier, for backbones trained from scratch (see `MaskHead`); 0 for none.
     """
 
     def __init__(
@@ -64,33 +64,19 @@ class VGLAW(nn.Module):
         text_encoder: str = DEFAULT_TEXT_ENCODER,
         text_layers: int | None = 6,
         text_pretrained: bool = True,
-        freeze_text: bool = False,
-        text_cache_size: int = 0,
         groups: int = 12,
         reduction: int = 16,
         rank: int = 32,
         lap_dim: int = 64,
         mask_dim: int = 256,
         task: str = "both",
-        text_pool: str = "cls",
-        grad_checkpointing: bool = False,
-        stem: str = "patch",
-        stem_depth: int = 0,
-        mask_skip: bool = False,
-        seg_classes: int = 0,
     ) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if mask_skip and (stem != "conv" or task == "box"):
-            raise ValueError("mask_skip needs stem='conv' and a mask task")
-        if seg_classes < 0 or seg_classes == 1 or (seg_classes and task == "box"):
-            raise ValueError(f"seg_classes must be 0 or >= 2 (background + categories) and needs a mask task, "
-                             f"got {seg_classes} with task {task!r}")
-        self.mask_skip = mask_skip
         self.img_size = img_size
         self.task = task
-        self.text = TextEncoder(text_encoder, text_layers, text_pretrained, freeze_text, text_cache_size, text_pool)
+        self.text = TextEncoder(text_encoder, text_layers, text_pretrained)
         self.backbone = ViTDet(
             img_size=img_size,
             patch_size=patch_size,
@@ -100,16 +86,45 @@ class VGLAW(nn.Module):
             drop_path_rate=drop_path_rate,
             window_size=window_size,
             window_block_indexes=window_block_indexes,
-            grad_checkpointing=grad_checkpointing,
-            stem=stem,
-            stem_depth=stem_depth,
         )
         self.aggregator = LanguageAggregator(self.text.dim, depth, groups, reduction)
         self.weight_generator = WeightGenerator(self.aggregator.out_dim, embed_dim, depth, rank)
         self.box_head = LAPBoxHead(embed_dim, self.text.dim, lap_dim) if task in ("both", "box") else None
-        skip_dim = self.backbone.patch_embed.out_dim if mask_skip else 0
-        self.mask_head = (MaskHead(embed_dim, self.text.dim, mask_dim, skip_dim, seg_classes)
-                          if task in ("both", "mask") else None)
+        self.mask_head = MaskHead(embed_dim, self.text.dim, mask_dim) if task in ("both", "mask") else None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute backbone blocks during backward to save activation memory."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    # ---- the four stages, each usable on its own -------------------------------------------
+
+    def language_weights(self, input_ids: Tensor, attention_mask: Tensor) -> LanguageWeights:
+        """Text -> F_l -> per-block aggregation h1_i -> qkv updates P·Φ_i(h1_i)·Qᵀ."""
+        tokens = self.text(input_ids, attention_mask)  # (B, L, d_l)
+        h1, alpha = self.aggregator(tokens, attention_mask, return_attention=True)  # (B, depth, d_l/r)
+        return LanguageWeights(self.weight_generator(h1), self.sentence_feature(tokens, attention_mask), alpha,
+                               tokens)
+
+    def sentence_feature(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+        """The text feature the heads read: `[CLS]`, F_l¹ (B, d_l)."""
+        return tokens[:, 0]
+
+    def forward_features(self, images: Tensor, qkv: Sequence[LowRank] | None) -> Tensor:
+        """The language-adaptive backbone (static with qkv=None): (B, 3, H, W) -> (B, h, w, C)."""
+        return self.backbone(images, qkv)
+
+    def forward_heads(self, features: Tensor, sentence: Tensor, out_size: tuple[int, int]) -> dict[str, Tensor]:
+        """Box and/or mask from the backbone features and the heads' text feature."""
+        out: dict[str, Tensor] = {}
+        if self.box_head is not None:
+            out["boxes"], out["lap_attention"] = self.box_head(features, sentence)
+        if self.mask_head is not None:
+            out["mask_logits"] = self.mask_head(features, sentence, out_size)
+        return out
+
+    def ground(self, images: Tensor, qkv: Sequence[LowRank] | None, sentence: Tensor) -> dict[str, Tensor]:
+        """Backbone and heads for given language inputs (the ablations swap or drop them)."""
+        return self.forward_heads(self.forward_features(images, qkv), sentence, images.shape[-2:])
 
     def forward(
         self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, return_attention: bool = False
@@ -125,22 +140,12 @@ class VGLAW(nn.Module):
 
         Returns:
             "boxes": (B, 4) normalised (cx, cy, w, h) in [0, 1] of the padded input (box tasks);
-            "mask_logits": (B, 1, H, W) at input resolution (mask tasks);
-            "seg_logits": (B, seg_classes, H, W) category logits (with `seg_classes`).
+            "mask_logits": (B, 1, H, W) at input resolution (mask tasks).
         """
-        tokens, sentence = self.text(input_ids, attention_mask)  # (B, L, d_l), (B, d_l)
-        h1, alpha = self.aggregator(tokens, attention_mask, return_attention=True)  # (B, depth, d_l/r)
-        features, stem = self.backbone(images, self.weight_generator(h1), return_stem=True)  # (B, h, w, C)
-        out: dict[str, Tensor] = {}
-        if self.box_head is not None:
-            out["boxes"], lap = self.box_head(features, sentence)
-            if return_attention:
-                out["lap_attention"] = lap
-        if self.mask_head is not None:
-            out["mask_logits"], seg = self.mask_head(features, sentence, images.shape[-2:],
-                                                      stem if self.mask_skip else None)
-            if seg is not None:
-                out["seg_logits"] = seg
+        lang = self.language_weights(input_ids, attention_mask)
+        out = self.ground(images, lang.qkv, lang.sentence)
         if return_attention:
-            out["lang_attention"] = alpha
+            out["lang_attention"] = lang.alpha
+        else:
+            out.pop("lap_attention", None)
         return out

@@ -30,22 +30,31 @@ from vglaw.models.geometry import (
 LowRank = tuple[Tensor, Tensor]  # (down: (B, C, r), up: (r, 3C))
 
 
-def low_rank_linear(x: Tensor, linear: nn.Linear, low_rank: LowRank | None) -> Tensor:
-    """`linear(x)` plus the per-sample low-rank term (x·down)·up.
+class AdaptiveLinear(nn.Linear):
+    """A linear layer whose weight takes a per-sample low-rank update: W(b) = W0 + (down(b)·up)ᵀ.
 
-    Args:
-        x: (B, ..., C_in) input; every token of sample b uses sample b's update.
-        linear: the static projection W0, b.
-        low_rank: None for the static weight, else (down (B, C_in, r), up (r, C_out)).
+    The update arrives as a forward argument (as timm's `CondConv2d.forward(x, routing_weights)`
+    takes its routing), never as module state, and is applied as the product chain
+    x·W0ᵀ + bias + (x·down)·up, so no per-sample (B, C_out, C_in) weight is ever built. The
+    parameters keep `nn.Linear`'s names (`weight`, `bias`), so pretrained `qkv` weights load
+    as they are.
     """
-    out = linear(x)
-    if low_rank is None:
-        return out
-    down, up = low_rank
-    B = x.shape[0]
-    flat = x.reshape(B, -1, x.shape[-1])  # (B, N, C_in)
-    out = torch.baddbmm(out.reshape(B, flat.shape[1], -1), flat @ down, up.expand(B, -1, -1))  # (B, N, C_out)
-    return out.view(*x.shape[:-1], -1)
+
+    def forward(self, x: Tensor, low_rank: LowRank | None = None) -> Tensor:
+        """(B, ..., C_in) -> (B, ..., C_out); every token of sample b uses sample b's update.
+
+        Args:
+            x: input, batch first.
+            low_rank: None for the static weight, else (down (B, C_in, r), up (r, C_out)).
+        """
+        out = super().forward(x)
+        if low_rank is None:
+            return out
+        down, up = low_rank
+        B = x.shape[0]
+        flat = x.reshape(B, -1, x.shape[-1])  # (B, N, C_in)
+        out = torch.baddbmm(out.reshape(B, flat.shape[1], -1), flat @ down, up.expand(B, -1, -1))  # (B, N, C_out)
+        return out.view(*x.shape[:-1], -1)
 
 
 class Attention(nn.Module):
@@ -76,7 +85,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.window_size = window_size
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = AdaptiveLinear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.use_rel_pos = use_rel_pos
         if use_rel_pos:
@@ -96,7 +105,7 @@ class Attention(nn.Module):
             pad_w = (self.window_size - W % self.window_size) % self.window_size
             if pad_h or pad_w:
                 x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        qkv = low_rank_linear(x, self.qkv, low_rank)  # (B, Hp, Wp, 3C)
+        qkv = self.qkv(x, low_rank)  # (B, Hp, Wp, 3C)
         if self.window_size:
             qkv, pad_hw = window_partition(qkv, self.window_size)  # (B*nW, ws, ws, 3C)
         Bw, h, w, _ = qkv.shape
@@ -150,55 +159,14 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches by a strided convolution: (B, 3, H, W) -> (B, H/p, W/p, C).
-
-    Returns the tokens and None, the same pair as `ConvStem` (which has a stride-4 map to hand on).
-    """
+    """Non-overlapping patches by a strided convolution: (B, 3, H, W) -> (B, H/p, W/p, C)."""
 
     def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, None]:
-        return self.proj(x).permute(0, 2, 3, 1), None  # (B, H/p, W/p, C)
-
-
-class ConvStem(nn.Module):
-    """A small CNN, then non-overlapping patches of its stride-4 map: (B, 3, H, W) ->
-    (B, H/p, W/p, C), plus the stride-4 map (B, C/4, H/4, W/4) itself.
-
-    Two stride-2 3x3 convolutions and `depth` stride-1 3x3 convolutions at stride 4, each with
-    BatchNorm and GELU. Not ViTDet's: for backbones trained from scratch, where a linear patch
-    embedding has to learn shapes smaller than two patches across from few examples ("early
-    convolutions", Xiao et al., 2021); the stride-1 convolutions widen the stride-4 map's
-    receptive field from 7 to 7 + 8·depth pixels, enough to see a whole small object.
-    Pretrained checkpoints carry a `PatchEmbed`, so they do not load into it.
-
-    Args:
-        patch_size: output stride p, a multiple of 4.
-        in_chans: input channels.
-        embed_dim: C.
-        depth: stride-1 convolutions at stride 4.
-    """
-
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, depth: int = 0) -> None:
-        super().__init__()
-        if patch_size % 4:
-            raise ValueError(f"the conv stem needs a patch size divisible by 4, got {patch_size}")
-        if depth < 0:
-            raise ValueError(f"stem depth must be >= 0, got {depth}")
-        self.out_dim = embed_dim // 4
-
-        def conv(cin: int, cout: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.GELU())
-
-        self.convs = nn.Sequential(conv(in_chans, embed_dim // 8, 2), conv(embed_dim // 8, self.out_dim, 2),
-                                   *(conv(self.out_dim, self.out_dim, 1) for _ in range(depth)))
-        self.proj = nn.Conv2d(self.out_dim, embed_dim, kernel_size=patch_size // 4, stride=patch_size // 4)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        s4 = self.convs(x)  # (B, C/4, H/4, W/4)
-        return self.proj(s4).permute(0, 2, 3, 1), s4  # (B, H/p, W/p, C), (B, C/4, H/4, W/4)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, C)
 
 
 class ViTDet(nn.Module):
@@ -217,10 +185,6 @@ class ViTDet(nn.Module):
         window_size: window side of the window blocks.
         window_block_indexes: blocks using window attention; the others attend globally.
         use_rel_pos: add decomposed relative position bias.
-        grad_checkpointing: recompute blocks in backward to save activation memory.
-        stem: "patch" (ViTDet: one strided convolution) or "conv" (`ConvStem`, for training
-            from scratch; it also hands the mask head a stride-4 map).
-        stem_depth: stride-1 convolutions of the conv stem at stride 4 (`ConvStem`'s depth).
     """
 
     def __init__(
@@ -237,23 +201,15 @@ class ViTDet(nn.Module):
         window_size: int = 14,
         window_block_indexes: Sequence[int] = (0, 1, 3, 4, 6, 7, 9, 10),
         use_rel_pos: bool = True,
-        grad_checkpointing: bool = False,
-        stem: str = "patch",
-        stem_depth: int = 0,
     ) -> None:
         super().__init__()
-        if stem not in ("patch", "conv"):
-            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
-        if stem_depth and stem != "conv":
-            raise ValueError(f"stem_depth needs stem='conv', got stem={stem!r}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         grid = img_size // patch_size
         self.embed_dim = embed_dim
         self.patch_size = patch_size
-        self.grad_checkpointing = grad_checkpointing
-        self.patch_embed = (PatchEmbed(patch_size, in_chans, embed_dim) if stem == "patch"
-                            else ConvStem(patch_size, in_chans, embed_dim, stem_depth))
+        self.grad_checkpointing = False
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         # Without pretrained weights, start from MAE's fixed sin-cos table: position is then
         # readable from step one, which matters for "left of" / "at the top" expressions.
         self.pos_embed = nn.Parameter(sincos_pos_embed((grid, grid), embed_dim))
@@ -283,28 +239,29 @@ class ViTDet(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, images: Tensor, qkv_low_rank: Sequence[LowRank] | None = None,
-                return_stem: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
-        """Encode images.
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block during backward instead of storing its activations."""
+        self.grad_checkpointing = enable
+
+    def forward(self, images: Tensor, qkv_low_rank: Sequence[LowRank] | None = None) -> Tensor:
+        """Encode images: (B, 3, H, W), H and W multiples of the patch size -> (B, H/p, W/p, C).
 
         Args:
-            images: (B, 3, H, W), H and W multiples of the patch size.
+            images: normalised images.
             qkv_low_rank: one (down, up) pair per block for language-adaptive weights, or None
                 for the static backbone.
-            return_stem: also return the conv stem's stride-4 map (B, C/4, H/4, W/4), None with
-                the patch stem.
-
-        Returns:
-            (B, H/p, W/p, C) features, and the stride-4 map if asked.
         """
+        return self.forward_blocks(self.patch_embed(images), qkv_low_rank)
+
+    def forward_blocks(self, tokens: Tensor, qkv_low_rank: Sequence[LowRank] | None = None) -> Tensor:
+        """Add position embeddings to patch tokens (B, h, w, C) and run the blocks."""
         if qkv_low_rank is not None and len(qkv_low_rank) != len(self.blocks):
             raise ValueError(f"got {len(qkv_low_rank)} low-rank updates for {len(self.blocks)} blocks")
-        x, s4 = self.patch_embed(images)  # (B, h, w, C), and (B, C/4, H/4, W/4) or None
-        x = x + resize_abs_pos(self.pos_embed, x.shape[1:3])
+        x = tokens + resize_abs_pos(self.pos_embed, tokens.shape[1:3])
         for i, block in enumerate(self.blocks):
             low_rank = None if qkv_low_rank is None else qkv_low_rank[i]
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, low_rank, use_reentrant=False)
             else:
                 x = block(x, low_rank)
-        return (x, s4) if return_stem else x
+        return x

@@ -1,5 +1,5 @@
-"""VG-LAW's training losses: L1 + GIoU on boxes, focal + Dice on masks, and two optional
-terms for training from scratch: supervision of the box head's pooling attention and a
+"""VG-LAW's training losses: L1 + GIoU on boxes, focal + Dice on masks (the paper's), and two
+terms only the from-scratch model uses: supervision of the box head's pooling attention and a
 per-pixel category loss.
 
 Boxes are normalised (cx, cy, w, h); masks are logits / {0, 1} targets at input resolution.
@@ -13,10 +13,11 @@ from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal
 
 
 def box_losses(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
-    """Mean L1 over coordinates and mean GIoU loss, for (B, 4) cxcywh boxes."""
+    """L1 summed over the four coordinates and averaged over the batch (the DETR / TransVG
+    convention of the official port), and the mean GIoU loss, for (B, 4) cxcywh boxes."""
     giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(target, "cxcywh", "xyxy"),
                                     reduction="mean")
-    return {"l1": (pred - target).abs().mean(), "giou": giou}
+    return {"l1": (pred - target).abs().sum(1).mean(), "giou": giou}
 
 
 def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
@@ -63,8 +64,7 @@ def category_loss(logits: Tensor, categories: Tensor, ignore_index: int = 255) -
     outside = (categories >= logits.shape[1]) & (categories != ignore_index)
     if outside.any():
         raise ValueError(f"category map holds class {int(categories[outside].max())} but the model classifies "
-                         f"{logits.shape[1]} (model_args.seg_classes must be the dataset's categories + 1 "
-                         "for background)")
+                         f"{logits.shape[1]} (seg_classes must be the dataset's categories + 1 for background)")
     return F.cross_entropy(logits.float(), categories, ignore_index=ignore_index)
 
 

@@ -11,13 +11,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from vglaw.data.transforms import boxes_to_original, mask_to_original
+from vglaw.data.transforms import to_original
 from vglaw.models import create_model
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER
 from vglaw.training.losses import grounding_loss
 from vglaw.training.metrics import GroundingMetrics, box_iou_pairwise
-
-MASK_THRESHOLD = 0.35
 
 
 class VGLAWModule(pl.LightningModule):
@@ -29,13 +27,18 @@ class VGLAWModule(pl.LightningModule):
         text_encoder: BERT name or folder (linked from the data module by the CLI).
         task: "both", "box" (REC only) or "mask" (RES only).
         visual_weights: detectron2 / MAE / SAM checkpoint for the visual backbone.
-        model_args: further `VGLAW` constructor overrides (e.g. {"text_layers": 6}).
+        visual_rel_pos: how the checkpoint's longer relative-position tables reach the model's
+            grid: "crop" (the paper's centre crop) or "interpolate" (detectron2's).
+        model_args: further constructor arguments of the variant's class (e.g. {"text_layers": 6}).
+        seg_classes: categories of a from-scratch variant's auxiliary classifier (background
+            included; linked by the CLI from the data module's `num_categories`); 0 for none.
         grad_checkpointing: recompute backbone blocks during backward to save memory.
         weight_l1, weight_giou, weight_focal, weight_dice: loss weights (paper: 1, 1, 4, 4).
         weight_lap: weight of the box head's attention supervision (`lap_attention_loss`;
             paper: 0, none). Needs the mask targets, so not with task "mask".
         weight_seg: weight of the per-pixel category loss (`category_loss`; paper: 0, none).
-            Needs `model_args.seg_classes` and the data module's `categories: true`.
+            Needs a from-scratch variant with `seg_classes` (the CLI links both, and the data
+            module's `categories`, from this weight).
         lr_visual: learning rate of the visual backbone.
         lr_text: learning rate of the text encoder.
         lr_other: learning rate of everything else (aggregation, weight generation, heads).
@@ -52,7 +55,9 @@ class VGLAWModule(pl.LightningModule):
         text_encoder: str = DEFAULT_TEXT_ENCODER,
         task: str = "both",
         visual_weights: str | None = None,
+        visual_rel_pos: str = "crop",
         model_args: dict[str, Any] | None = None,
+        seg_classes: int = 0,
         grad_checkpointing: bool = False,
         weight_l1: float = 1.0,
         weight_giou: float = 1.0,
@@ -70,8 +75,14 @@ class VGLAWModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = create_model(variant, visual_weights=visual_weights, img_size=img_size, text_encoder=text_encoder,
-                                  task=task, grad_checkpointing=grad_checkpointing, **(model_args or {}))
+        extra = {"seg_classes": seg_classes} if seg_classes else {}
+        self.model = create_model(variant, img_size=img_size, text_encoder=text_encoder, task=task,
+                                  **(model_args or {}), **extra)
+        if visual_weights is not None:
+            from vglaw.models.checkpoint import load_visual_weights
+
+            load_visual_weights(self.model.backbone, visual_weights, rel_pos=visual_rel_pos)
+        self.model.set_grad_checkpointing(grad_checkpointing)
         self.img_size = img_size
         if weight_lap < 0:
             raise ValueError(f"weight_lap must be >= 0, got {weight_lap}")
@@ -83,8 +94,8 @@ class VGLAWModule(pl.LightningModule):
         if weight_seg < 0:
             raise ValueError(f"weight_seg must be >= 0, got {weight_seg}")
         if weight_seg > 0:
-            if self.model.mask_head is None or self.model.mask_head.seg is None:
-                raise ValueError("weight_seg needs the model's category classifier: set model_args.seg_classes "
+            if getattr(self.model.mask_head, "seg", None) is None:
+                raise ValueError("weight_seg needs a from-scratch variant with a category classifier: seg_classes "
                                  "(the dataset's categories + 1) and a mask task")
             self.loss_weights["seg"] = weight_seg
         self.milestones = list(milestones if milestones is not None else [10, 60])
@@ -123,22 +134,22 @@ class VGLAWModule(pl.LightningModule):
         self._stage_splits = self._splits(stage)
         self.metrics = nn.ModuleDict({s: GroundingMetrics() for s in self._stage_splits}).to(self.device)
 
+    @property
+    def monitor(self) -> str:
+        """The validation metric that picks checkpoints: Prec@0.5 with a box head, else mIoU."""
+        return "prec@0.5" if self.hparams.task in ("both", "box") else "miou"
+
     @torch.no_grad()
     def measure(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
         """Per-sentence box IoU and mask intersection / union, in original-image pixels."""
+        pred = to_original(outputs, batch["scale"], batch["pad"], batch["orig_size"], self.img_size)
         out: dict[str, Tensor] = {}
-        if "boxes" in outputs:
-            pred = boxes_to_original(outputs["boxes"], batch["scale"], batch["pad"], batch["orig_size"], self.img_size)
-            out["box_iou"] = box_iou_pairwise(pred, batch["orig_boxes"].to(pred))
-        if "mask_logits" in outputs:
-            inter, union = [], []
-            for i, gt in enumerate(batch["orig_masks"]):
-                logits = mask_to_original(outputs["mask_logits"][i], batch["scale"][i], batch["pad"][i],
-                                          batch["orig_size"][i])
-                pred, gt = logits.sigmoid() > MASK_THRESHOLD, gt.to(logits.device).bool()
-                inter.append((pred & gt).sum())
-                union.append((pred | gt).sum())
-            out["inter"], out["union"] = torch.stack(inter), torch.stack(union)
+        if "boxes" in pred:
+            out["box_iou"] = box_iou_pairwise(pred["boxes"], batch["orig_boxes"].to(pred["boxes"]))
+        if "masks" in pred:
+            gts = [gt.to(m.device).bool() for m, gt in zip(pred["masks"], batch["orig_masks"])]
+            out["inter"] = torch.stack([(m & gt).sum() for m, gt in zip(pred["masks"], gts)])
+            out["union"] = torch.stack([(m | gt).sum() for m, gt in zip(pred["masks"], gts)])
         return out
 
     def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
@@ -173,37 +184,6 @@ class VGLAWModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics()
-
-    # ---- exact resume -----------------------------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Shuffling, augmentation and dropout draw from these generators; restoring them makes a
-        # resumed run continue exactly as the uninterrupted one would.
-        import random
-
-        import numpy as np
-
-        # Only tensors and plain values, so the file stays loadable with torch.load(weights_only=True).
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                    "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        import random
-
-        import numpy as np
-
-        states = checkpoint.get("rng_states")
-        if not states:
-            return
-        torch.set_rng_state(states["torch"])
-        kind, keys, pos, has_gauss, gauss = states["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        random.setstate(states["python"])
-        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states["cuda"])
 
     # ---- optimisation -----------------------------------------------------------------------
 

@@ -1,0 +1,258 @@
+"""VG-LAW for a backbone trained from scratch on little data (the CPU shapes demo).
+
+Not the paper: the paper starts from a COCO-pretrained ViTDet and a pretrained BERT. Without
+them, a few departures measurably help (see docs/shapes_experiments.md for the trials):
+
+- `ConvStem`: convolutions before the patch projection, so small shapes are seen whole;
+- `FrozenTextEncoder`: a fixed, cached text encoder (the CPU cost of BERT every step buys
+  nothing when the expressions repeat every epoch);
+- `NormedLAPBoxHead`: LayerNorm before the pooling (a from-scratch residual stream grows);
+- `ScratchMaskHead`: a projected, scaled text readout, the stem's stride-4 map added before it
+  and an auxiliary per-pixel category classifier;
+- the heads read the mean of the token features instead of `[CLS]`.
+
+`ScratchVGLAW` builds the paper's `VGLAW` and swaps these parts in; the paper's classes carry
+none of them. Layouts as in `vglaw.models.vglaw`.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vglaw.models.heads import LAPBoxHead, conv_transpose_2x2, conv_transpose_2x2_readout
+from vglaw.models.text_encoder import TextEncoder
+from vglaw.models.vglaw import VGLAW
+from vglaw.models.vitdet import LowRank
+
+SENTENCE_FEATURES = ("cls", "mean")
+
+
+class ConvStem(nn.Module):
+    """A small CNN, then non-overlapping patches of its stride-4 map: (B, 3, H, W) -> (B, H/p, W/p, C).
+
+    Two stride-2 3x3 convolutions and `depth` stride-1 3x3 convolutions at stride 4, each with
+    BatchNorm and GELU ("early convolutions", Xiao et al., 2021): a linear patch embedding has
+    to learn shapes smaller than two patches across from few examples. The stride-1
+    convolutions widen the stride-4 map's receptive field from 7 to 7 + 8·depth pixels, enough
+    to see a whole small object. Pretrained checkpoints carry a `PatchEmbed`, so they do not
+    load into it; with several GPUs and a small per-device batch use `sync_batchnorm`.
+
+    Args:
+        patch_size: output stride p, a multiple of 4.
+        in_chans: input channels.
+        embed_dim: C; the stride-4 map has C / 4 channels.
+        depth: stride-1 convolutions at stride 4.
+    """
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, depth: int = 0) -> None:
+        super().__init__()
+        if patch_size % 4:
+            raise ValueError(f"the conv stem needs a patch size divisible by 4, got {patch_size}")
+        if depth < 0:
+            raise ValueError(f"stem depth must be >= 0, got {depth}")
+        self.out_dim = embed_dim // 4
+
+        def conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.GELU())
+
+        self.convs = nn.Sequential(conv(in_chans, embed_dim // 8, 2), conv(embed_dim // 8, self.out_dim, 2),
+                                   *(conv(self.out_dim, self.out_dim, 1) for _ in range(depth)))
+        self.proj = nn.Conv2d(self.out_dim, embed_dim, kernel_size=patch_size // 4, stride=patch_size // 4)
+
+    def stride4(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> the stride-4 map (B, C/4, H/4, W/4)."""
+        return self.convs(x)
+
+    def embed(self, s4: Tensor) -> Tensor:
+        """The stride-4 map -> patch tokens (B, H/p, W/p, C)."""
+        return self.proj(s4).permute(0, 2, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.embed(self.stride4(x))
+
+
+class FrozenTextEncoder(nn.Module):
+    """A text encoder kept fixed (no gradients, no dropout) whose features may be remembered.
+
+    Args:
+        encoder: the `TextEncoder` to freeze.
+        cache_size: remember the features of this many distinct expressions (least recently
+            used dropped first); 0 disables the cache. Worth it when expressions repeat across
+            epochs, as they do in training. Loading weights empties it.
+    """
+
+    def __init__(self, encoder: TextEncoder, cache_size: int = 0) -> None:
+        super().__init__()
+        if cache_size < 0:
+            raise ValueError(f"text_cache_size must be >= 0, got {cache_size}")
+        self.encoder = encoder.requires_grad_(False)
+        self.dim = encoder.dim
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._cache.clear())
+        self.train()
+
+    def train(self, mode: bool = True) -> FrozenTextEncoder:
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) ids and mask -> (B, L, d_l); with a cache, padding positions hold zeros."""
+        if not self.cache_size:
+            return self.encoder(input_ids, attention_mask)
+        real = attention_mask.bool()  # (B, L)
+        keys = [tuple(row[keep].tolist()) for row, keep in zip(input_ids, real)]
+        for b, k in enumerate(keys):
+            if k not in self._cache:
+                # One expression at a time, unpadded: a remembered feature must not depend on the
+                # batch it was first seen in (padding length and batch size change the rounding),
+                # or a resumed run, which fills the cache in other batches, would drift from the
+                # uninterrupted one.
+                ids = input_ids[b : b + 1, real[b]]  # (1, n_real)
+                self._cache[k] = self.encoder(ids, torch.ones_like(ids))[0]  # (n_real, d_l)
+        rows = []
+        for k in keys:
+            self._cache.move_to_end(k)
+            rows.append(self._cache[k])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        tokens = rows[0].new_zeros(*input_ids.shape, self.dim)  # (B, L, d_l)
+        for b, row in enumerate(rows):
+            tokens[b, real[b]] = row.to(tokens)
+        return tokens.to(input_ids.device)
+
+
+class NormedLAPBoxHead(LAPBoxHead):
+    """`LAPBoxHead` on LayerNorm-ed features: a backbone trained from scratch has no pretrained
+    scale, its residual stream grows, and the pooling logits would be badly scaled."""
+
+    def __init__(self, visual_dim: int, text_dim: int, attn_dim: int = 64, hidden_dim: int = 256) -> None:
+        super().__init__(visual_dim, text_dim, attn_dim, hidden_dim)
+        self.norm = nn.LayerNorm(visual_dim, eps=1e-6)
+
+    def forward(self, features: Tensor, text_cls: Tensor) -> tuple[Tensor, Tensor]:
+        return super().forward(self.norm(features), text_cls)
+
+
+class ScratchMaskHead(nn.Module):
+    """Two stride-2 transposed convolutions to C channels at stride 4, [+ a projected stride-4
+    image map], read per pixel by the projected text / √C [and a category classifier].
+
+    Args:
+        visual_dim: C.
+        text_dim: d_l.
+        hidden_dim: channels between the two transposed convolutions.
+        skip_dim: channels of a stride-4 image map added (projected to C) before the readout,
+            so mask edges can follow the image inside a patch; 0 for none.
+        seg_classes: also classify every stride-4 pixel into this many categories (background
+            included) for an auxiliary loss that teaches the backbone what the objects are; 0
+            for none.
+    """
+
+    def __init__(self, visual_dim: int, text_dim: int, hidden_dim: int = 256, skip_dim: int = 0,
+                 seg_classes: int = 0) -> None:
+        super().__init__()
+        self.up1 = nn.ConvTranspose2d(visual_dim, hidden_dim, kernel_size=2, stride=2)
+        self.norm = nn.LayerNorm(hidden_dim, eps=1e-6)
+        self.up2 = nn.ConvTranspose2d(hidden_dim, visual_dim, kernel_size=2, stride=2)
+        self.text_proj = nn.Linear(text_dim, visual_dim)
+        self.skip = nn.Linear(skip_dim, visual_dim) if skip_dim else None
+        self.seg = nn.Linear(visual_dim, seg_classes) if seg_classes else None
+
+    def forward(self, features: Tensor, text: Tensor, out_size: tuple[int, int],
+                skip: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(B, H, W, C) features, (B, d_l) text [, (B, skip_dim, 4H, 4W) map] -> mask logits
+        (B, 1, *out_size) and, with `seg_classes`, category logits (B, seg_classes, *out_size).
+
+        The stride-4 features x = up2(y) [+ skip(map)] are read through O = 1 + seg_classes
+        vectors, folded into up2's and skip's weights per sample (`conv_transpose_2x2_readout`).
+        """
+        if (skip is None) != (self.skip is None):
+            raise ValueError("pass a skip map exactly when the head was built with skip_dim")
+        y = F.gelu(self.norm(conv_transpose_2x2(features, self.up1)))  # (B, 2H, 2W, hidden)
+        B, C = y.shape[0], self.up2.out_channels
+        readout = (self.text_proj(text) / math.sqrt(C)).unsqueeze(-1)  # (B, C, 1)
+        if self.seg is not None:
+            readout = torch.cat([readout, self.seg.weight.t().expand(B, -1, -1)], dim=-1)  # (B, C, O)
+        out = conv_transpose_2x2_readout(y, self.up2, readout)  # (B, O, 4H, 4W)
+        bias = out.new_zeros(B, readout.shape[-1])  # (B, O)
+        if self.skip is not None:
+            w_skip = (self.skip.weight.t() @ readout).transpose(1, 2)  # (B, O, skip_dim)
+            out = out + torch.bmm(w_skip, skip.flatten(2)).view_as(out)  # (B, O, 4H, 4W)
+            bias = bias + self.skip.bias @ readout
+        if self.seg is not None:
+            bias = bias + torch.cat([self.seg.bias.new_zeros(1), self.seg.bias])
+        out = out + bias[:, :, None, None]
+        # Split before upsampling: a slice's backward fills a zero tensor of its source's size.
+        up = lambda t: F.interpolate(t, size=out_size, mode="bilinear", align_corners=False)  # (B, ·, *out_size)
+        return up(out[:, :1]), (up(out[:, 1:]) if self.seg is not None else None)
+
+
+class ScratchVGLAW(VGLAW):
+    """VG-LAW with the parts that help a backbone trained from scratch (module docstring).
+
+    Args:
+        stem_depth: stride-1 convolutions of the `ConvStem` at stride 4.
+        mask_skip: add the stem's stride-4 map inside the mask head.
+        seg_classes: categories (background included) of the mask head's auxiliary per-pixel
+            classifier (outputs "seg_logits"); 0 for none. Linked to the data by the CLI.
+        sentence: the feature the heads read: "mean" of the real tokens (what sentence models
+            such as MiniLM are trained to separate) or "cls".
+        freeze_text: keep the text encoder fixed (`FrozenTextEncoder`).
+        text_cache_size: with `freeze_text`, remember this many expressions' features.
+        **paper_args: the `VGLAW` arguments.
+    """
+
+    def __init__(self, stem_depth: int = 3, mask_skip: bool = True, seg_classes: int = 0, sentence: str = "mean",
+                 freeze_text: bool = True, text_cache_size: int = 0, **paper_args) -> None:
+        super().__init__(**paper_args)
+        if sentence not in SENTENCE_FEATURES:
+            raise ValueError(f"sentence must be one of {SENTENCE_FEATURES}, got {sentence!r}")
+        if mask_skip and self.mask_head is None:
+            raise ValueError("mask_skip needs a mask task")
+        if seg_classes < 0 or seg_classes == 1 or (seg_classes and self.mask_head is None):
+            raise ValueError(f"seg_classes must be 0 or >= 2 (background + categories) and needs a mask task, "
+                             f"got {seg_classes} with task {self.task!r}")
+        if text_cache_size and not freeze_text:
+            raise ValueError("text_cache_size needs freeze_text=True: a trained encoder's features change every step")
+        self.sentence = sentence
+        self.mask_skip = mask_skip
+        backbone = self.backbone
+        C, d_l = backbone.embed_dim, self.text.dim
+        backbone.patch_embed = ConvStem(backbone.patch_size, 3, C, stem_depth)
+        if freeze_text:
+            self.text = FrozenTextEncoder(self.text, text_cache_size)
+        if self.box_head is not None:
+            k = self.box_head.visual_proj.out_features
+            self.box_head = NormedLAPBoxHead(C, d_l, k)
+        if self.mask_head is not None:
+            hidden = self.mask_head.up1.out_channels
+            skip_dim = backbone.patch_embed.out_dim if mask_skip else 0
+            self.mask_head = ScratchMaskHead(C, d_l, hidden, skip_dim, seg_classes)
+
+    def sentence_feature(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.sentence == "cls":
+            return tokens[:, 0]
+        real = attention_mask.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
+        return (tokens * real).sum(1) / real.sum(1).clamp(min=1)  # (B, d_l)
+
+    def ground(self, images: Tensor, qkv: Sequence[LowRank] | None, sentence: Tensor) -> dict[str, Tensor]:
+        stem = self.backbone.patch_embed
+        s4 = stem.stride4(images)  # (B, C/4, H/4, W/4)
+        features = self.backbone.forward_blocks(stem.embed(s4), qkv)  # (B, h, w, C)
+        out: dict[str, Tensor] = {}
+        if self.box_head is not None:
+            out["boxes"], out["lap_attention"] = self.box_head(features, sentence)
+        if self.mask_head is not None:
+            out["mask_logits"], seg = self.mask_head(features, sentence, images.shape[-2:],
+                                                      s4 if self.mask_skip else None)
+            if seg is not None:
+                out["seg_logits"] = seg
+        return out

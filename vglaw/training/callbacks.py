@@ -1,0 +1,80 @@
+"""Lightning callbacks vglaw always installs: exact resume, and a `last.ckpt` of every epoch."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+
+class RNGState(pl.Callback):
+    """Save the torch / NumPy / Python (and CUDA) random states in every checkpoint and restore
+    them on resume: shuffling, augmentation and dropout draw from them, so a run resumed from
+    an epoch-end checkpoint continues exactly as the uninterrupted one would.
+
+    Only tensors and plain values are stored, so checkpoints stay loadable with
+    `torch.load(weights_only=True)`.
+    """
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                    "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if not states:
+            return
+        torch.set_rng_state(states["torch"])
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(states["python"])
+        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class Checkpoint(ModelCheckpoint):
+    """`ModelCheckpoint` whose `last.ckpt` is always the last completed epoch.
+
+    Lightning writes `last.ckpt` only in an epoch that also saved a top-k checkpoint, so after
+    an epoch without a new best, `last.ckpt` is older than the run, and resuming from it would
+    silently redo epochs. Here it is written at the end of every epoch (after validation when
+    there is one); an interrupted run leaves the last completed epoch in it.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_written_step = -1
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_written_step = trainer.global_step
+
+    def _ensure_last(self, trainer: pl.Trainer) -> None:
+        from pytorch_lightning.trainer.states import TrainerFn
+
+        if (not self.save_last or trainer.fast_dev_run or trainer.sanity_checking
+                or trainer.state.fn != TrainerFn.FITTING or self._last_written_step == trainer.global_step):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer) and self._is_epoch_end(trainer):
+            self._ensure_last(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)
+
+    @staticmethod
+    def _is_epoch_end(trainer: pl.Trainer) -> bool:
+        """Validation that closes an epoch (not one run every n steps inside it)."""
+        loop = trainer.fit_loop.epoch_loop
+        return loop.batch_progress.current.ready >= trainer.num_training_batches or loop.done

@@ -7,12 +7,16 @@ import sys
 USAGE = """usage: vglaw <command> [options]
 
   fit | validate | test   Lightning CLI: --config configs/<dataset>.yaml, --print_config, overrides
-  predict                 ground expressions in one image: --image x.jpg --text "left dog" --ckpt m.ckpt
+  predict                 ground expressions: --image x.jpg --text "left dog" [--model DIR|HUB_ID|CKPT],
+                          or many pairs: --pairs pairs.jsonl; --explain draws which words drive which block
+  export                  a training checkpoint -> a model folder (--onnx: an ONNX file)
+  ablate                  what the language-adaptive weights do: a split evaluated with the language removed
   data shapes             generate the synthetic shapes dataset in the refer format
   data check              check a prepared refer-format folder and print per-split counts
   bench                   parameters, FLOPs, latency, throughput and memory (writes bench/results.json)
 
-Run `vglaw <command> --help` for the options of each."""
+Run `vglaw <command> --help` for the options of each. A mistake in what you give (a file, a field,
+a value) is reported in one line per problem, with exit code 2."""
 
 
 def count_devices(devices, accelerator: str = "auto") -> int:
@@ -41,7 +45,7 @@ def lightning_main(args: list[str]) -> None:
     from pytorch_lightning.cli import LightningCLI
 
     from vglaw.data.datamodule import ReferDataModule
-    from vglaw.training.callbacks import Checkpoint, RNGState
+    from vglaw.training.callbacks import Checkpoint, ExportModel, RNGState
     from vglaw.training.module import VGLAWModule
 
     class VGLAWCLI(LightningCLI):
@@ -58,19 +62,24 @@ def lightning_main(args: list[str]) -> None:
                 "checkpoint.filename": "best-{epoch}", "checkpoint.auto_insert_metric_name": False,
             })
             parser.add_lightning_class_args(RNGState, "rng_state")
+            parser.add_lightning_class_args(ExportModel, "export_model")
 
         def before_instantiate_classes(self) -> None:
             import torch
 
+            from vglaw.errors import UsageError
+            from vglaw.preflight import check_run
+
             if torch.cuda.is_available():
                 torch.set_float32_matmul_precision("high")
             cfg = self.config[self.subcommand]
+            check_run(self.subcommand, cfg)
             if cfg.data.global_batch_size:
                 world = count_devices(cfg.trainer.devices, cfg.trainer.accelerator) * int(cfg.trainer.num_nodes)
                 per_step = cfg.data.batch_size * world
                 if cfg.data.global_batch_size % per_step:
-                    raise SystemExit(
-                        f"vglaw: data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
+                    raise UsageError(
+                        f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
                         f"data.batch_size x devices = {cfg.data.batch_size} x {world}; change data.batch_size"
                     )
                 cfg.trainer.accumulate_grad_batches = cfg.data.global_batch_size // per_step
@@ -80,6 +89,16 @@ def lightning_main(args: list[str]) -> None:
              save_config_kwargs={"overwrite": True})
 
 
+COMMANDS = {
+    "predict": "vglaw.predict",
+    "data": "vglaw.data.commands",
+    "bench": "vglaw.bench",
+    "export": "vglaw.export",
+    "ablate": "vglaw.ablate",
+    "serve": "vglaw.serve",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -87,21 +106,20 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    if command in ("fit", "validate", "test"):
-        lightning_main(argv)
-        return 0
-    if command == "predict":
-        from vglaw.predict import main as predict_main
+    from vglaw.errors import UserError
 
-        return predict_main(rest)
-    if command == "data":
-        from vglaw.data.commands import main as data_main
+    try:
+        if command in ("fit", "validate", "test"):
+            lightning_main(argv)
+            return 0
+        if command in COMMANDS:
+            import importlib
 
-        return data_main(rest)
-    if command == "bench":
-        from vglaw.bench import main as bench_main
-
-        return bench_main(rest)
+            return importlib.import_module(COMMANDS[command]).main(rest)
+    except UserError as err:
+        for line in str(err).splitlines() or [type(err).__name__]:
+            print(f"vglaw {command}: error: {line}", file=sys.stderr)
+        return 2
     print(f"vglaw: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from vglaw.atomic import write_text
 from vglaw.data.shapes import generate
+from vglaw.safe_pickle import plain_load
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[2/4] training vglaw_small on the CPU")
     run(["fit", f"--config={args.config}", *common, *args.extra])
     ckpt = next((out / "logs" / "demo" / "checkpoints").glob("best-*.ckpt"))
+    model_dir = out / "logs" / "demo" / "model"  # written by `vglaw fit` from the best checkpoint
 
     print(f"[3/4] evaluating {ckpt} on the test split")
     metrics_file = out / "test_metrics.json"
@@ -45,15 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     from vglaw.plots import line_chart, read_metrics
 
     test = {k: v[-1][1] for k, v in read_metrics(test_csv).items()}
-    metrics_file.write_text(json.dumps(test, indent=2))
+    write_text(metrics_file, json.dumps(test, indent=2))
 
     print("[4/4] grounding an expression in a test image")
-    refs = pickle.load(open(data / "shapes" / "refs(unc).p", "rb"))  # our own file, written above
+    refs = plain_load(data / "shapes" / "refs(unc).p")
     ref = next(r for r in refs if r["split"] == "test" and r["sentences"][0]["type"] == "relation")
     image = data / "images" / "shapes" / ref["file_name"]
     overlay = out / "predict.png"
-    subprocess.run([sys.executable, "-m", "vglaw.cli", "predict", "--image", str(image), "--ckpt", str(ckpt),
-                    "--text", ref["sentences"][0]["sent"], "--out", str(overlay), "--json"], check=True)
+    run(["predict", "--image", str(image), "--model", str(model_dir), "--text", ref["sentences"][0]["sent"],
+         "--out", str(overlay), "--explain", "--json"])
 
     curves = read_metrics(out / "logs" / "demo" / "metrics.csv")
     curve = line_chart({k: curves[k] for k in ("val/prec@0.5", "val/miou") if k in curves},
@@ -62,13 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("test/prec@0.5", "test/miou", "test/oiou", "test/mask_prec@0.5", "test/mask_prec@0.9"):
         if k in test:
             print(f"  {k:<20} {test[k]:.4f}")
-    print(f"\ncheckpoint      {ckpt}\noverlay         {overlay}\nlearning curve  {curve}\n"
-          f"metrics         {metrics_file}\nwall time       {(time.time() - start) / 60:.1f} min")
+    print(f"\ncheckpoint      {ckpt}\nmodel folder    {model_dir}\noverlay         {overlay}\n"
+          f"explanation     {overlay.with_name('predict.explain-0.png')}\nlearning curve  {curve}\n"
+          f"metrics         {metrics_file}\nwall time       {(time.time() - start) / 60:.1f} min\n\n"
+          f"next: vglaw predict --image YOUR.jpg --text \"the red circle\"   (uses {model_dir})")
     return 0
 
 
 def run(args: list[str]) -> None:
-    subprocess.run([sys.executable, "-m", "vglaw.cli", *args], check=True)
+    done = subprocess.run([sys.executable, "-m", "vglaw.cli", *args])
+    if done.returncode:
+        raise SystemExit(f"make demo: `vglaw {args[0]}` failed (exit code {done.returncode}); see above")
 
 
 if __name__ == "__main__":

@@ -1,112 +1,63 @@
-"""`vglaw predict`: ground one or more expressions in one image with a trained checkpoint."""
+"""`vglaw predict`: ground expressions in one image, or many image-expression pairs in batches.
+
+    vglaw predict --image x.jpg --text "left dog" [--text ...] [--model DIR|HUB_ID|CKPT] [--explain]
+    vglaw predict --pairs pairs.jsonl [--output predictions.jsonl] [--overlays DIR]
+    vglaw predict --images FOLDER --texts expressions.txt [--output predictions.jsonl]
+
+With no --model, the most recent model folder `make demo`, `vglaw fit` or `vglaw export` wrote.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from vglaw.data.refer import BadSampleError, load_rgb
-from vglaw.data.transforms import GroundingTransform, to_original
-from vglaw.models.checkpoint import state_dict_problems
-from vglaw.models.text_encoder import MAX_TOKENS, load_tokenizer
-from vglaw.training.module import VGLAWModule
+from vglaw.atomic import atomic_write, image_format, save_image
+from vglaw.errors import MissingFileError, UsageError
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
-
-
-class CheckpointError(ValueError):
-    """The checkpoint is missing, unreadable or of another configuration."""
-
-
-def load_module(ckpt: str | Path, device: str = "cpu") -> VGLAWModule:
-    """Rebuild the model from a Lightning checkpoint's hyperparameters and load its weights strictly."""
-    ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise CheckpointError(f"checkpoint not found: {ckpt}")
-    try:
-        # Lightning checkpoints hold hyperparameters next to tensors; only open files you trust.
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any failure to read means the file is unusable
-        raise CheckpointError(f"cannot read checkpoint {ckpt}: {err}") from err
-    hp = state.get("hyper_parameters") if isinstance(state, dict) else None
-    if not hp or "variant" not in hp or "state_dict" not in state:
-        raise CheckpointError(f"{ckpt} is not a vglaw training checkpoint (no hyper_parameters.variant / state_dict)")
-    hp = {k: v for k, v in hp.items() if not k.startswith("_")}  # LightningCLI adds "_instantiator"
-    # The checkpoint carries every weight: skip loading pretrained files that would be overwritten.
-    hp["visual_weights"] = None
-    hp["model_args"] = {**(hp.get("model_args") or {}), "text_pretrained": False}
-    try:
-        module = VGLAWModule(**hp)
-    except TypeError as err:
-        raise CheckpointError(f"{ckpt} was saved by another configuration of vglaw: {err}") from err
-    problems = state_dict_problems(state["state_dict"], module.state_dict(), limit=20)
-    if problems:
-        raise CheckpointError(f"{ckpt} does not match its own configuration ({hp['variant']}):\n  " +
-                              "\n  ".join(problems))
-    module.load_state_dict(state["state_dict"])
-    return module.eval().to(device)
-
-
-@torch.no_grad()
-def predict(module: VGLAWModule, image: np.ndarray, texts: list[str]) -> list[dict]:
-    """Boxes (x1, y1, x2, y2) in original pixels and boolean masks for each expression."""
-    texts = [t.strip() for t in texts]
-    if not texts or any(not t for t in texts):
-        raise ValueError("every --text must be a non-empty expression")
-    device = module.device
-    transform = GroundingTransform(module.img_size)
-    samples = [transform({"image": image, "text": t}) for t in texts]
-    tokenizer = load_tokenizer(module.hparams.text_encoder)
-    tokens = tokenizer(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt").to(device)
-    images = torch.stack([s["image"] for s in samples]).to(device)
-    outputs = module.model(images, tokens["input_ids"], tokens["attention_mask"])
-    scale, pad, orig = (torch.stack([s[k] for s in samples]).to(device) for k in ("scale", "pad", "orig_size"))
-    pred = to_original(outputs, scale, pad, orig, module.img_size)
-    results = [{"text": t} for t in texts]
-    for i, r in enumerate(results):
-        if "boxes" in pred:
-            r["box"] = [round(v, 2) for v in pred["boxes"][i].tolist()]
-        if "masks" in pred:
-            r["mask"] = pred["masks"][i].cpu().numpy()
-            # Confidence of the mask: its mean probability over the predicted pixels.
-            r["score"] = round(float(pred["mask_scores"][i]), 4)
-    return results
-
-
 OVERLAY_MIN_SIDE = 512  # smaller pictures are enlarged so the expressions fit as text
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 def draw_overlay(image: np.ndarray, results: list[dict]) -> Image.Image:
-    """The image with each expression's mask, box and text in its own colour.
+    """The picture with each expression's mask, box and text in its own colour.
 
-    An image whose longer side is under `OVERLAY_MIN_SIDE` is enlarged by an integer factor
-    (nearest neighbour, so pixels stay sharp) before drawing; boxes are scaled with it.
+    `image` may be smaller than the original (a working copy of a large photo); masks and boxes,
+    in original pixels, are scaled to it. A picture whose longer side is under
+    `OVERLAY_MIN_SIDE` is enlarged by an integer factor (nearest neighbour) so the text fits.
     """
+    H, W = image.shape[:2]
     canvas = image.astype(np.float32)
     for k, r in enumerate(results):
-        if "mask" in r:
+        if r.get("mask") is not None and r["mask"].any():
+            mask = r["mask"]
+            if mask.shape != (H, W):
+                mask = np.asarray(Image.fromarray(mask).resize((W, H), Image.NEAREST))
             colour = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
-            canvas[r["mask"]] = 0.5 * canvas[r["mask"]] + 0.5 * colour
+            canvas[mask] = 0.5 * canvas[mask] + 0.5 * colour
     out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-    zoom = max(1, math.ceil(OVERLAY_MIN_SIDE / max(image.shape[:2])))
+    zoom = max(1, math.ceil(OVERLAY_MIN_SIDE / max(H, W)))
     if zoom > 1:
-        out = out.resize((out.width * zoom, out.height * zoom), Image.NEAREST)
+        out = out.resize((W * zoom, H * zoom), Image.NEAREST)
     draw = ImageDraw.Draw(out)
     width = max(1, round(max(out.size) / 200))
     for k, r in enumerate(results):
         colour = PALETTE[k % len(PALETTE)]
-        box = [v * zoom for v in r["box"]] if "box" in r else None
+        h0, w0 = r.get("size", (H, W))
+        fx, fy = out.width / w0, out.height / h0
+        box = [r["box"][0] * fx, r["box"][1] * fy, r["box"][2] * fx, r["box"][3] * fy] if "box" in r else None
         if box is not None:
             draw.rectangle(box, outline=colour, width=width)
         x, y = (box[0], max(0, box[1] - 12)) if box is not None else (2, 2 + 12 * k)
-        label = r["text"] + (f" ({r['score']:.2f})" if "score" in r else "")
+        label = " ".join(r["text"].split()) + (f" ({r['score']:.2f})" if "score" in r else "")
         x = max(0, min(x, out.width - draw.textlength(label)))  # keep the label inside the picture
         left, top, right, bottom = draw.textbbox((x, y), label)
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
@@ -114,43 +65,196 @@ def draw_overlay(image: np.ndarray, results: list[dict]) -> Image.Image:
     return out
 
 
-def to_json(results: list[dict], image_path: str, size: tuple[int, int]) -> dict:
-    items = []
-    for r in results:
-        item = {k: v for k, v in r.items() if k != "mask"}
-        if "mask" in r:
-            rle = mask_utils.encode(np.asfortranarray(r["mask"].astype(np.uint8)))
-            item["mask_area"] = int(r["mask"].sum())
-            item["mask_rle"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-        items.append(item)
-    return {"image": image_path, "height": size[0], "width": size[1], "box_format": "xyxy", "results": items}
+def result_json(r: dict) -> dict:
+    """A result as JSON: box (xyxy, original pixels), score, mask as COCO RLE with its area."""
+    item = {k: r[k] for k in ("text", "box", "score") if k in r}
+    if "mask" in r:
+        rle = mask_utils.encode(np.asfortranarray(r["mask"].astype(np.uint8)))
+        item["mask_area"] = int(r["mask"].sum())
+        item["mask_rle"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    return item
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vglaw predict", description=__doc__)
-    parser.add_argument("--image", required=True, help="image file (EXIF orientation is honoured)")
-    parser.add_argument("--text", action="append", required=True, help="referring expression; repeat for more")
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by `vglaw fit`")
-    parser.add_argument("--out", default=None, help="overlay PNG (default: outputs/predict/<image stem>.png)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    try:
-        if any(not t.strip() for t in args.text):
-            raise ValueError("every --text must be a non-empty expression")
-        image = load_rgb(args.image, exif_transpose=True)
-        module = load_module(args.ckpt, args.device)
-        results = predict(module, image, args.text)
-    except (FileNotFoundError, BadSampleError, CheckpointError, ValueError) as err:
-        print(f"vglaw predict: error: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out or Path("outputs/predict") / f"{Path(args.image).stem}.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    draw_overlay(image, results).save(out)
+def check_output(path: Path, inputs: list[Path] = (), kind: str = "image") -> Path:
+    """Refuse an output path before any work: a folder, an input file, a read-only place, or
+    (for pictures) a name without an image extension."""
+    path = path.expanduser()
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder; give a file name (e.g. {path / 'overlay.png'})")
+    if kind == "image":
+        try:
+            image_format(path)
+        except ValueError as err:
+            raise UsageError(f"--out {err}") from err
+    for src in inputs:
+        if src.exists() and path.exists() and path.resolve() == src.resolve():
+            raise UsageError(f"--out {path} is the input image; writing there would destroy it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write {path}: {parent} is not writable")
+    return path
+
+
+def resolve_model(arg: str | None) -> str:
+    """--model, or the most recent model folder written here (said on stderr)."""
+    if arg:
+        return arg
+    from vglaw.recent import latest_model
+
+    latest = latest_model()
+    if latest is None:
+        raise MissingFileError("no model given and none trained here yet: run `make demo` (CPU, ~20 min) or "
+                               "`vglaw fit`, or pass --model DIR|HUB_ID|CKPT")
+    print(f"vglaw predict: using {latest} (the most recent model written here; --model to choose)", file=sys.stderr)
+    return str(latest)
+
+
+def read_pairs(args) -> tuple[list[tuple[int, object, str]], list[tuple[int, str]]]:
+    """(line or index, image, text) pairs and (line, problem) for unusable lines."""
+    pairs, bad = [], []
+    if args.pairs:
+        path = Path(args.pairs)
+        if not path.is_file():
+            raise MissingFileError(f"--pairs file not found: {path}")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as err:
+                    bad.append((n, f"{path}:{n}: not JSON ({err.msg})"))
+                    continue
+                if not isinstance(item, dict) or not isinstance(item.get("image"), str) or \
+                        not isinstance(item.get("text"), str):
+                    bad.append((n, f"{path}:{n}: needs string fields 'image' and 'text'"))
+                    continue
+                image = Path(item["image"]).expanduser()
+                pairs.append((n, image if image.is_absolute() else path.parent / image, item["text"]))
+    else:
+        folder, texts_file = Path(args.images), Path(args.texts or "")
+        if not folder.is_dir():
+            raise MissingFileError(f"--images folder not found: {folder}")
+        if not texts_file.is_file():
+            raise MissingFileError(f"--texts file not found: {texts_file} (one expression per line)")
+        texts = [t.strip() for t in texts_file.read_text(encoding="utf-8").splitlines() if t.strip()]
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not images or not texts:
+            raise UsageError(f"nothing to do: {len(images)} images in {folder}, "
+                             f"{len(texts)} expressions in {texts_file}")
+        pairs = [(k, image, text) for k, (image, text) in enumerate(((i, t) for i in images for t in texts), 1)]
+    return pairs, bad
+
+
+def predict_many(args, grounder) -> int:
+    from tqdm import tqdm
+
+    pairs, bad = read_pairs(args)
+    source = Path(args.pairs or args.images)
+    output = check_output(Path(args.output or source.with_suffix("").as_posix() + ".predictions.jsonl"),
+                          kind="jsonl")
+    overlays = Path(args.overlays) if args.overlays else None
+    for n, problem in bad:
+        print(f"vglaw predict: skipped line {n}: {problem}", file=sys.stderr)
+    partial = output.with_name(output.name + ".partial")
+    done = skipped = 0
+    records: dict[int, dict] = {n: {"line": n, "error": p} for n, p in bad}
+    with open(partial, "w") as out:
+        results = grounder.predict_pairs(((image, text) for _, image, text in pairs), args.batch_size)
+        for (n, image, text), r in tqdm(zip(pairs, results), total=len(pairs), desc="predict", unit="pair"):
+            record = {"line": n, "image": str(image), "text": text}
+            if "error" in r:
+                skipped += 1
+                record["error"] = r["error"]
+                print(f"vglaw predict: skipped {'line' if args.pairs else 'pair'} {n}: {r['error']}", file=sys.stderr)
+            else:
+                done += 1
+                record.update({"height": r["size"][0], "width": r["size"][1], "box_format": "xyxy", **result_json(r)})
+                if overlays is not None:
+                    from vglaw.inference import prepare_image, slug
+
+                    picture = draw_overlay(prepare_image(image)[0], [r])
+                    record["overlay"] = str(save_image(picture, overlays / f"{slug(image)}-{n}.png"))
+            records[n] = record
+            while records and min(records) <= n:  # keep the input's order, bad lines included
+                out.write(json.dumps(records.pop(min(records))) + "\n")
+        for n in sorted(records):
+            out.write(json.dumps(records.pop(n)) + "\n")
+    os.replace(partial, output)
+    print(f"{done} pairs grounded, {skipped + len(bad)} skipped; results in {output}")
+    return 0 if done or not (pairs or bad) else 2
+
+
+def predict_one(args, grounder) -> int:
+    from vglaw.inference import prepare_image, slug
+
+    out = Path(args.out) if args.out else Path("outputs/predict") / f"{slug(args.image)}.png"
+    check_output(out, [Path(args.image)])
+    array, size = prepare_image(args.image)
+    results = grounder.run([grounder.prepare(array, size, t) for t in args.text], return_attention=args.explain)
+    save_image(draw_overlay(array, results), out)
+    figures = []
+    if args.explain:
+        from vglaw.explain import explain_figure
+
+        for k, r in enumerate(results):
+            figures.append(str(explain_figure(array, r, out.with_name(f"{out.stem}.explain-{k}.png"),
+                                              grounder.img_size)))
+    report = {"image": str(args.image), "height": size[0], "width": size[1], "box_format": "xyxy",
+              "model": str(getattr(grounder.model, "source", "")), "results": [result_json(r) for r in results],
+              "overlay": str(out), **({"explain": figures} if figures else {})}
+    if args.json_out:
+        with atomic_write(args.json_out, "w") as f:
+            json.dump(report, f, indent=2)
     if args.json:
-        print(json.dumps({**to_json(results, args.image, image.shape[:2]), "overlay": str(out)}, indent=2))
+        print(json.dumps(report, indent=2))
     else:
         for r in results:
             print(f"{r['text']!r}: box={r.get('box')} score={r.get('score')}")
-        print(f"overlay written to {out}")
+        print(f"overlay written to {out}" + (f"; explanations: {', '.join(figures)}" if figures else ""))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vglaw predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", help="image file (EXIF orientation is honoured)")
+    parser.add_argument("--text", action="append", help="referring expression; repeat for more")
+    parser.add_argument("--pairs", help="JSONL file, one {\"image\": path, \"text\": expression} per line")
+    parser.add_argument("--images", help="folder of images, each grounded with every line of --texts")
+    parser.add_argument("--texts", help="file of expressions, one per line (with --images)")
+    parser.add_argument("--model", "--ckpt", dest="model", default=None,
+                        help="model folder, hub id, training .ckpt or .onnx (default: the latest written here)")
+    parser.add_argument("--out", default=None, help="overlay PNG (default: outputs/predict/<image>-<hash>.png)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    parser.add_argument("--json-out", default=None, help="also write the JSON to this file")
+    parser.add_argument("--explain", action="store_true", help="per expression, a PNG of the block x word "
+                        "language weights, the pooling map, mask and box")
+    parser.add_argument("--output", default=None,
+                        help="batch mode: results JSONL (default: <input>.predictions.jsonl)")
+    parser.add_argument("--overlays", default=None,
+                        help="batch mode: also write an overlay per pair to this folder")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    args = parser.parse_args(argv)
+    batch = bool(args.pairs or args.images)
+    if batch == bool(args.image) or (args.image and not args.text) or (args.pairs and args.images):
+        raise UsageError("give --image with --text, or --pairs FILE, or --images FOLDER with --texts FILE")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.image:
+        from vglaw.data.text import check_expression
+
+        args.text = [check_expression(t, "--text") for t in args.text]
+        if not Path(args.image).is_file():
+            raise MissingFileError(f"image not found: {args.image}")
+        check_output(Path(args.out) if args.out else Path("outputs/predict") / "x.png", [Path(args.image)])
+    import torch
+
+    from vglaw.inference import Grounder
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    grounder = Grounder(resolve_model(args.model), device)
+    return predict_many(args, grounder) if batch else predict_one(args, grounder)

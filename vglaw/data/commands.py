@@ -4,22 +4,39 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vglaw.data.refer import DEFAULT_SPLIT_BY, SPLITS, ReferDataset
+from vglaw.data.refer import DEFAULT_SPLIT_BY, SPLITS, BadSampleError, ReferDataset
+from vglaw.errors import UsageError
 
 
-def check(root: str, dataset: str, split_by: str | None, load_images: bool) -> dict[str, dict[str, int]]:
-    """Index every split (and optionally read every image and mask); returns per-split counts."""
+def check(root: str, dataset: str, split_by: str | None, load_images: bool) -> tuple[dict, list[str]]:
+    """Index every split (and optionally read every image and mask).
+
+    Returns:
+        per-split counts, and every problem found (one line each; bad samples are skipped and
+        counted, not fatal, so one run lists them all).
+    """
+    import warnings
+
     from tqdm import tqdm
 
     split_by = split_by or DEFAULT_SPLIT_BY[dataset]
-    counts = {}
+    if split_by not in SPLITS[dataset]:
+        raise UsageError(f"--split-by {split_by!r}: {dataset} has {', '.join(SPLITS[dataset])}")
+    counts, problems = {}, []
     for split in SPLITS[dataset][split_by]:
-        ds = ReferDataset(root, dataset, split, split_by)
-        counts[split] = ds.counts()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = ReferDataset(root, dataset, split, split_by, skip_invalid=True)
+        problems += [f"{split}: {p}" for p in ds.problems]
+        counts[split] = {**ds.counts(), "skipped": len(ds.problems)}
         if load_images:
             for i in tqdm(range(len(ds)), desc=f"{dataset} {split}", unit="sent"):
-                ds.load(i)
-    return counts
+                try:
+                    ds.load(i)
+                except BadSampleError as err:
+                    problems.append(f"{split}: {err}")
+                    counts[split]["skipped"] += 1
+    return counts, problems
 
 
 def main(argv: list[str]) -> int:
@@ -37,17 +54,25 @@ def main(argv: list[str]) -> int:
     c.add_argument("--split-by", default=None)
     c.add_argument("--images", action="store_true", help="also read every image and mask")
     args = parser.parse_args(argv)
+    problems: list[str] = []
     if args.command == "shapes":
         from vglaw.data.shapes import generate
 
+        for name in ("train", "val", "test"):
+            if getattr(args, name) < 1:
+                raise UsageError(f"--{name} must be >= 1 image, got {getattr(args, name)}")
         counts = generate(args.out, args.seed, {"train": args.train, "val": args.val, "test": args.test})
     else:
-        try:
-            counts = check(args.root, args.dataset, args.split_by, args.images)
-        except (FileNotFoundError, ValueError) as err:  # BadSampleError is a ValueError
-            print(f"vglaw data check: error: {err}", file=sys.stderr)
-            return 2
-    print(f"{'split':<8} {'images':>8} {'refs':>8} {'sentences':>10}")
+        counts, problems = check(args.root, args.dataset, args.split_by, args.images)
+    print(f"{'split':<8} {'images':>8} {'refs':>8} {'sentences':>10}" + (f" {'skipped':>8}" if problems else ""))
     for split, c in counts.items():
-        print(f"{split:<8} {c['images']:>8} {c['refs']:>8} {c['sentences']:>10}")
+        print(f"{split:<8} {c['images']:>8} {c['refs']:>8} {c['sentences']:>10}"
+              + (f" {c['skipped']:>8}" if problems else ""))
+    if problems:
+        for p in problems[:50]:
+            print(f"vglaw data check: bad sample: {p}", file=sys.stderr)
+        more = f" ({len(problems) - 50} more not shown)" if len(problems) > 50 else ""
+        print(f"vglaw data check: {len(problems)} bad samples{more}; fix them, or train with "
+              "--data.skip_invalid true to skip them", file=sys.stderr)
+        return 2
     return 0

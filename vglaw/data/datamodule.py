@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from vglaw.data.refer import DEFAULT_SPLIT_BY, ReferDataset, category_count
 from vglaw.data.transforms import GroundingTransform
+from vglaw.errors import UsageError
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, MAX_TOKENS, load_tokenizer
 
 
@@ -28,6 +29,7 @@ class Collate:
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.text_encoder)
         texts = [s["text"] for s in samples]
+        # Truncation is reported once per split by the data module, not once per batch.
         tokens = self._tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
         batch = {
             "images": torch.stack([s["image"] for s in samples]),
@@ -110,6 +112,10 @@ class ReferDataModule(pl.LightningDataModule):
         self.train_split = train_split
         self.val_splits = list(val_splits or ["val"])
         self.test_splits = list(test_splits or ["test"])
+        if batch_size < 1:
+            raise UsageError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise UsageError(f"data.num_workers must be >= 0, got {num_workers}")
         self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
         self.augmentation = dict(flip_p=flip_p, crop_p=crop_p, color_jitter_p=color_jitter_p, translate_p=translate_p)
         GroundingTransform(img_size, train=True, **self.augmentation)  # checks the probabilities now
@@ -124,7 +130,24 @@ class ReferDataModule(pl.LightningDataModule):
             self._sets[key] = ReferDataset(self.data_root, self.dataset, name, self.split_by,
                                            skip_invalid=self.skip_invalid and train, transform=transform,
                                            cache=self.cache_images, categories=self.categories)
+            if train or f"{name}:{not train}" not in self._sets:
+                self._warn_truncated(self._sets[key], name)
         return self._sets[key]
+
+    def _warn_truncated(self, dataset: ReferDataset, name: str) -> None:
+        """One warning per split for the expressions longer than `max_tokens`."""
+        import warnings
+
+        from vglaw.data.text import real_token_counts
+
+        texts = sorted({s.text for s in dataset.samples})
+        if not texts:
+            return
+        _, lengths = real_token_counts(load_tokenizer(self.collate.text_encoder), texts)
+        long = [t for t, n in zip(texts, lengths) if n + 2 > self.collate.max_tokens]
+        if long:
+            warnings.warn(f"{self.dataset} {name}: {len(long)} of {len(texts)} distinct expressions are longer than "
+                          f"{self.collate.max_tokens} tokens and are truncated (e.g. {long[0][:80]!r})", stacklevel=2)
 
     @property
     def num_categories(self) -> int:

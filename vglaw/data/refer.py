@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 from pycocotools import mask as mask_utils
 
+from vglaw.data.text import clean_text
+from vglaw.errors import MissingFileError, UsageError, UserError
 from vglaw.safe_pickle import plain_load
 
 SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -45,15 +47,15 @@ def category_count(root: str | Path, dataset: str) -> int:
     """Classes of `dataset`'s category maps: its instances.json categories + 1 for background."""
     path = Path(root) / dataset / "instances.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{dataset}: expected {path} ({HOW_TO_GET})")
+        raise MissingFileError(f"{dataset}: expected {path} ({HOW_TO_GET})")
     with open(path) as f:
         categories = json.load(f).get("categories")
     if not isinstance(categories, list) or not categories:
-        raise ValueError(f"{path} has no 'categories' list, which the category maps need")
+        raise UsageError(f"{path} has no 'categories' list, which the category maps need")
     return len(categories) + 1
 
 
-class BadSampleError(ValueError):
+class BadSampleError(UserError, ValueError):
     """A sample that cannot be used: bad image, box, expression or annotation reference."""
 
 
@@ -71,35 +73,142 @@ class Sample:
     bbox: tuple[float, float, float, float]  # COCO x, y, w, h in original pixels
 
 
-def load_rgb(path: str | Path, exif_transpose: bool = False) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB: grayscale, palette, RGBA and 16-bit included.
+MAX_IMAGE_PIXELS = 250_000_000  # images above this are refused (a 16k x 16k photo is 268 MP)
+
+
+def _to_uint8(img: Image.Image, path: Path) -> np.ndarray:
+    """A single-channel 16-bit, 32-bit integer or float image as (H, W, 3) uint8, or refused.
+
+    16-bit images use their full range; 32-bit integers must hold 8- or 16-bit values; floats
+    must lie in [0, 1] (or [0, 255]). Anything else has no unambiguous brightness.
+    """
+    arr = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise BadSampleError(f"cannot use image {path}: its float pixels include NaN or infinity")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if img.mode.startswith("I;16"):
+        peak = 65535.0
+    elif img.mode == "F":
+        if lo >= 0 and hi <= 1:
+            peak = 1.0
+        elif lo >= 0 and hi <= 255:
+            peak = 255.0
+        else:
+            raise BadSampleError(f"cannot use image {path}: float pixels in [{lo:g}, {hi:g}], expected [0, 1] "
+                                 "or [0, 255]; save it as an 8-bit image")
+    else:  # "I": 32-bit integers
+        if lo >= 0 and hi <= 255:
+            peak = 255.0
+        elif lo >= 0 and hi <= 65535:
+            peak = 65535.0
+        else:
+            raise BadSampleError(f"cannot use image {path}: 32-bit pixels in [{lo:g}, {hi:g}], outside 8- or 16-bit "
+                                 "range; save it as an 8-bit image")
+    arr = np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
+    return np.repeat(arr[..., None], 3, axis=2)
+
+
+def load_rgb(path: str | Path, exif_transpose: bool = False, max_side: int | None = None) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB: grayscale, palette, RGBA, 16-bit, 32-bit integer and
+    float images included.
 
     Args:
         exif_transpose: rotate as the EXIF orientation says (for user photos at prediction
             time). Datasets leave it off: refer annotations are in the stored pixel frame.
+        max_side: decode (JPEG: at a reduced scale) and shrink so the longer side is at most
+            this; `original_size` tells the full size. None keeps every pixel.
 
     Raises:
-        BadSampleError: missing, unreadable or truncated file (naming the path).
+        BadSampleError: missing, unreadable, truncated, too large or ambiguous file (naming it).
     """
+    return load_image(path, exif_transpose, max_side)[0]
+
+
+def load_image(path: str | Path, exif_transpose: bool = False,
+               max_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """`load_rgb`, plus the image's full (height, width) after the EXIF rotation."""
     path = Path(path)
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL refuses larger ones (DecompressionBombError)
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise BadSampleError(f"cannot use image {path}: {w}x{h} is {w * h / 1e6:.0f} MP, over the "
+                                     f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP limit; downscale it first")
+            if exif_transpose and img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                w, h = h, w  # rotated by 90 degrees for display
+            if max_side and max(img.size) > max_side and img.format == "JPEG":
+                img.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale, still >= max_side
             img.load()
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
+            if max_side and max(img.size) > max_side:
+                ratio = max_side / max(img.size)
+                size = (max(1, round(img.width * ratio)), max(1, round(img.height * ratio)))
+                img = img.resize(size, Image.BILINEAR, reducing_gap=2.0)
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(img, dtype=np.float64)
-                peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-                arr = np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8)
-                return np.repeat(arr[..., None], 3, axis=2)
+                return _to_uint8(img, path), (h, w)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 img = img.convert("RGBA")
                 bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(bg, img)
-            return np.asarray(img.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:
+            return np.asarray(img.convert("RGB")), (h, w)
+    except BadSampleError:
+        raise
+    except FileNotFoundError as err:
+        raise BadSampleError(f"image not found: {path}") from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadSampleError(f"cannot read image {path}: {err}") from err
+
+
+def read_instances(path: Path) -> dict:
+    """instances.json with its `images` and `annotations` lists checked.
+
+    Raises:
+        UsageError: not JSON, or a required list missing.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            inst = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(inst, dict):
+        raise UsageError(f"{path}: expected a COCO-style object with 'images' and 'annotations'")
+    for key in ("images", "annotations"):
+        if not isinstance(inst.get(key), list):
+            raise UsageError(f"{path}: no '{key}' list (a COCO-style instances file needs 'images' and "
+                             "'annotations')")
+    for im in inst["images"]:
+        if not isinstance(im, dict) or not {"id", "file_name", "height", "width"} <= set(im):
+            raise UsageError(f"{path}: an image entry lacks id / file_name / height / width: {str(im)[:120]}")
+    for a in inst["annotations"]:
+        if not isinstance(a, dict) or "id" not in a or "image_id" not in a:
+            raise UsageError(f"{path}: an annotation lacks id / image_id: {str(a)[:120]}")
+    return inst
+
+
+def segmentation_problem(ann: dict, image: dict) -> str | None:
+    """What is wrong with an annotation's segmentation for its image, or None.
+
+    Polygons need at least three points (6 numbers) each; an RLE's size must be the image's.
+    """
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        if not seg:
+            return "its segmentation is an empty polygon list"
+        for poly in seg:
+            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+                n = len(poly) if isinstance(poly, list) else type(poly).__name__
+                return f"a polygon has {n} numbers (a polygon needs at least 6, an even count)"
+        return None
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        size = [int(v) for v in seg["size"]]
+        if size != [int(image["height"]), int(image["width"])]:
+            return (f"its RLE mask is {size[1]}x{size[0]} but image {image['id']} is "
+                    f"{image['width']}x{image['height']}")
+        return None
+    return "no segmentation (polygons or RLE)"
 
 
 def ann_to_mask(ann: dict, height: int, width: int) -> np.ndarray:
@@ -134,12 +243,12 @@ class ReferDataset:
     def __init__(self, root: str | Path, dataset: str, split: str, split_by: str | None = None,
                  skip_invalid: bool = False, transform=None, cache: bool = False, categories: bool = False) -> None:
         if dataset not in SPLITS:
-            raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(SPLITS)}")
+            raise UsageError(f"unknown dataset {dataset!r}; expected one of {', '.join(SPLITS)}")
         split_by = split_by or DEFAULT_SPLIT_BY[dataset]
         if split_by not in SPLITS[dataset]:
-            raise ValueError(f"{dataset} has no splitBy {split_by!r}; expected one of {', '.join(SPLITS[dataset])}")
+            raise UsageError(f"{dataset} has no splitBy {split_by!r}; expected one of {', '.join(SPLITS[dataset])}")
         if split not in SPLITS[dataset][split_by]:
-            raise ValueError(f"{dataset}({split_by}) has no split {split!r}; "
+            raise UsageError(f"{dataset}({split_by}) has no split {split!r}; "
                              f"expected one of {', '.join(SPLITS[dataset][split_by])}")
         self.root, self.dataset, self.split, self.split_by = Path(root), dataset, split, split_by
         self.skip_invalid = skip_invalid
@@ -152,10 +261,11 @@ class ReferDataset:
         for p in (refs_path, inst_path, self.image_dir):
             if not p.exists():
                 hint = "run `vglaw data shapes --out ROOT`" if dataset == "shapes" else HOW_TO_GET
-                raise FileNotFoundError(f"{dataset}: expected {p} ({hint})")
+                raise MissingFileError(f"{dataset}: expected {p} ({hint})")
         refs = plain_load(refs_path)
-        with open(inst_path) as f:
-            inst = json.load(f)
+        if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
+            raise UsageError(f"{refs_path}: expected a list of refs (dicts), got {type(refs).__name__}")
+        inst = read_instances(inst_path)
         self.images = {im["id"]: im for im in inst["images"]}
         self.anns = {a["id"]: a for a in inst["annotations"]}
         self.with_categories = categories
@@ -171,14 +281,14 @@ class ReferDataset:
     def _category_ids(inst: dict, inst_path: Path) -> list[int]:
         """Category ids in rank order (map value - 1); COCO's 80 ids run from 1 to 90 with gaps."""
         if "categories" not in inst:
-            raise KeyError(f"{inst_path} has no 'categories' list, which the category maps need")
+            raise UsageError(f"{inst_path} has no 'categories' list, which the category maps need")
         ids = sorted(int(c["id"]) for c in inst["categories"])
         if len(ids) >= IGNORE:
-            raise ValueError(f"{inst_path} has {len(ids)} categories; category maps hold at most {IGNORE - 1}")
+            raise UsageError(f"{inst_path} has {len(ids)} categories; category maps hold at most {IGNORE - 1}")
         known = set(ids)
         for a in inst["annotations"]:
             if a.get("category_id") not in known:
-                raise ValueError(f"annotation {a.get('id')} in {inst_path} has category_id {a.get('category_id')}, "
+                raise UsageError(f"annotation {a.get('id')} in {inst_path} has category_id {a.get('category_id')}, "
                                  f"which is not in its categories list")
         return ids
 
@@ -209,6 +319,10 @@ class ReferDataset:
         for ref in refs:
             if ref.get("split") != self.split:
                 continue
+            missing = [k for k in ("ref_id", "ann_id", "sentences") if k not in ref]
+            if missing:
+                self._reject(f"a ref in {refs_path} (ref_id {ref.get('ref_id')}) lacks {', '.join(missing)}", problems)
+                continue
             ann = self.anns.get(ref["ann_id"])
             if ann is None:
                 self._reject(f"ref {ref['ref_id']} in {refs_path} names annotation {ref['ann_id']}, "
@@ -219,18 +333,30 @@ class ReferDataset:
                 self._reject(f"annotation {ann['id']} names image {ann['image_id']}, which is not in {inst_path}",
                              problems)
                 continue
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            if w < 1 or h < 1:
+            try:
+                x, y, w, h = (float(v) for v in ann["bbox"])
+            except (KeyError, TypeError, ValueError):
+                self._reject(f"annotation {ann['id']} (ref {ref['ref_id']}) in {inst_path} has no [x, y, w, h] bbox",
+                             problems)
+                continue
+            if not (w >= 1 and h >= 1):
                 self._reject(f"annotation {ann['id']} (ref {ref['ref_id']}) has a degenerate box "
                              f"{[x, y, w, h]} (w or h < 1 px)", problems)
                 continue
+            problem = segmentation_problem(ann, image)
+            if problem:
+                self._reject(f"annotation {ann['id']} (ref {ref['ref_id']}) in {inst_path}: {problem}", problems)
+                continue
             for sent in ref["sentences"]:
-                text = str(sent.get("sent", "")).strip()
+                text = clean_text(sent.get("sent", "")) if isinstance(sent, dict) else ""
                 if not text:
-                    self._reject(f"sentence {sent.get('sent_id')} of ref {ref['ref_id']} is empty", problems)
+                    sent_id = sent.get("sent_id") if isinstance(sent, dict) else None
+                    self._reject(f"sentence {sent_id} of ref {ref['ref_id']} is empty (or only control or invisible "
+                                 "characters)", problems)
                     continue
-                samples.append(Sample(len(samples), ref["ref_id"], sent["sent_id"], ann["id"], image["id"],
-                                      " ".join(text.split()), self.image_dir / image["file_name"], (x, y, w, h)))
+                samples.append(Sample(len(samples), ref["ref_id"], sent.get("sent_id"), ann["id"], image["id"],
+                                      text, self.image_dir / image["file_name"], (x, y, w, h)))
+        self.problems = problems
         if problems:
             self.skipped += len(problems)
             warnings.warn(f"{self.dataset} {self.split}: skipped {len(problems)} bad samples; first: {problems[0]}",

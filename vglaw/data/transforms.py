@@ -14,9 +14,10 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_convert
+
+from vglaw.errors import UsageError
 
 DIRECTION_WORDS = frozenset(
     "left right leftmost rightmost top bottom topmost bottommost middle center centre upper lower above below "
@@ -59,16 +60,48 @@ def boxes_to_original(boxes: Tensor, scale: Tensor, pad: Tensor, orig_size: Tens
     return torch.minimum(xyxy.clamp(min=0), limits)
 
 
-def mask_to_original(logits: Tensor, scale: Tensor, pad: Tensor, orig_size: Tensor) -> Tensor:
-    """(1, S, S) mask logits of one letterboxed sample -> (h, w) logits in original pixels."""
+MASK_THRESHOLD = 0.35  # sigmoid probability above which a pixel is in the mask (paper)
+_STRIP_PIXELS = 4_000_000  # output pixels interpolated at a time: bounds memory for 100 MP images
+
+
+def _bilinear_taps(n_in: int, n_out: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Source indices and weights of `F.interpolate(mode="bilinear", align_corners=False)`
+    along one axis: out[i] = (1 - w[i]) * in[i0[i]] + w[i] * in[i1[i]]."""
+    src = ((torch.arange(n_out, device=device, dtype=torch.float32) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    return i0, i1, src - i0
+
+
+def mask_to_original(logits: Tensor, scale: Tensor, pad: Tensor, orig_size: Tensor,
+                     threshold: float = MASK_THRESHOLD) -> tuple[Tensor, Tensor]:
+    """(1, S, S) mask logits of one letterboxed sample -> the (h, w) boolean mask in original
+    pixels and its score (mean probability over the mask's pixels, 0 when empty).
+
+    The logits are cropped to the image, bilinearly resized to (h, w) as `F.interpolate`
+    (align_corners=False) does, and thresholded; rows are resized a strip at a time, so a
+    100-megapixel image needs the boolean mask and a few MB, not (h, w) floats.
+    """
     h, w = (int(v) for v in orig_size)
     left, top = (int(v) for v in pad)
     new_w, new_h = max(1, round(w * float(scale[0]))), max(1, round(h * float(scale[1])))
-    crop = logits[..., top : top + new_h, left : left + new_w]  # (1, new_h, new_w)
-    return F.interpolate(crop[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-
-
-MASK_THRESHOLD = 0.35  # sigmoid probability above which a pixel is in the mask (paper)
+    crop = logits.reshape(logits.shape[-2:])[top : top + new_h, left : left + new_w].float()  # (new_h, new_w)
+    x0, x1, wx = _bilinear_taps(crop.shape[1], w, crop.device)
+    cols = crop[:, x0] * (1 - wx) + crop[:, x1] * wx  # (new_h, w): resized along x
+    y0, y1, wy = _bilinear_taps(crop.shape[0], h, crop.device)
+    mask = torch.empty(h, w, dtype=torch.bool, device=crop.device)
+    prob_sum = torch.zeros((), dtype=torch.float64, device=crop.device)
+    step = max(1, _STRIP_PIXELS // max(w, 1))
+    for r in range(0, h, step):
+        ly = wy[r : r + step, None]
+        strip = cols[y0[r : r + step]] * (1 - ly) + cols[y1[r : r + step]] * ly  # (rows, w) logits
+        prob = strip.sigmoid()
+        keep = prob > threshold
+        mask[r : r + step] = keep
+        prob_sum += prob[keep].double().sum()
+    n = mask.sum()
+    score = (prob_sum / n).float() if n > 0 else prob_sum.new_zeros((), dtype=torch.float32)
+    return mask, score
 
 
 def to_original(outputs: dict[str, Tensor], scale: Tensor, pad: Tensor, orig_size: Tensor,
@@ -89,13 +122,9 @@ def to_original(outputs: dict[str, Tensor], scale: Tensor, pad: Tensor, orig_siz
     if "boxes" in outputs:
         out["boxes"] = boxes_to_original(outputs["boxes"], scale, pad, orig_size, img_size)
     if "mask_logits" in outputs:
-        masks, scores = [], []
-        for i in range(len(outputs["mask_logits"])):
-            prob = mask_to_original(outputs["mask_logits"][i], scale[i], pad[i], orig_size[i]).sigmoid()
-            m = prob > MASK_THRESHOLD
-            masks.append(m)
-            scores.append(prob[m].mean() if m.any() else prob.new_zeros(()))
-        out["masks"], out["mask_scores"] = masks, torch.stack(scores)
+        pairs = [mask_to_original(outputs["mask_logits"][i], scale[i], pad[i], orig_size[i])
+                 for i in range(len(outputs["mask_logits"]))]
+        out["masks"], out["mask_scores"] = [m for m, _ in pairs], torch.stack([s for _, s in pairs])
     return out
 
 
@@ -126,7 +155,7 @@ class GroundingTransform:
         for name, p in (("flip_p", flip_p), ("crop_p", crop_p), ("color_jitter_p", color_jitter_p),
                         ("translate_p", translate_p)):
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {p}")
+                raise UsageError(f"{name} must be in [0, 1], got {p}")
         self.img_size, self.train, self.keep_original = img_size, train, keep_original
         self.flip_p, self.translate_p = flip_p, translate_p
         bbox = A.BboxParams(format="coco", label_fields=["labels"], clip=True)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from vglaw.errors import MissingFileError, UsageError
 from vglaw.models.geometry import fit_rel_pos, resize_abs_pos
 from vglaw.safe_pickle import plain_load
 
@@ -42,7 +43,7 @@ def read_checkpoint(path: str | Path) -> StateDict:
     """Read a weight file into a flat {name: tensor} dict; `.pkl` files are unpickled safely."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"visual weights not found: {path}")
+        raise MissingFileError(f"visual weights not found: {path}")
     if path.suffix == ".pkl":
         raw = plain_load(path, allow_numpy=True)
         raw = raw.get("model", raw) if isinstance(raw, dict) else raw
@@ -56,9 +57,9 @@ def read_checkpoint(path: str | Path) -> StateDict:
             if isinstance(raw, dict) and isinstance(raw.get(wrapper), dict):
                 raw = raw[wrapper]
     else:
-        raise ValueError(f"{path}: unknown weight format {path.suffix!r}; expected .pkl, .pth or .safetensors")
+        raise UsageError(f"{path}: unknown weight format {path.suffix!r}; expected .pkl, .pth or .safetensors")
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a dict of arrays, got {type(raw).__name__}")
+        raise UsageError(f"{path}: expected a dict of arrays, got {type(raw).__name__}")
     out = {}
     for k, v in raw.items():
         if isinstance(v, np.ndarray):
@@ -77,7 +78,7 @@ def detect_format(state_dict: StateDict) -> str:
     pos = state_dict.get("pos_embed", state_dict.get("image_encoder.pos_embed"))
     if pos is not None and pos.dim() == 4:
         return "sam"
-    raise ValueError(
+    raise UsageError(
         "unrecognised visual checkpoint: expected detectron2 ViTDet keys (backbone.net.*), "
         "MAE keys (cls_token, blocks.*) or SAM-ViT keys (4-D pos_embed); first keys: "
         + ", ".join(list(state_dict)[:5])
@@ -158,7 +159,7 @@ def load_visual_weights(backbone: nn.Module, path: str | Path, log: Callable[[st
     target = backbone.state_dict()
     problems = state_dict_problems(state_dict, target, MAY_BE_MISSING[fmt])
     if problems:
-        raise ValueError(f"{path} ({fmt} format) does not fit the backbone:\n  " + "\n  ".join(problems))
+        raise UsageError(f"{path} ({fmt} format) does not fit the backbone:\n  " + "\n  ".join(problems))
     missing = [k for k in target if k not in state_dict]
     result = backbone.load_state_dict(state_dict, strict=False)
     assert not result.unexpected_keys

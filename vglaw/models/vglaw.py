@@ -11,7 +11,9 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
+from vglaw.errors import UsageError
 from vglaw.models.heads import LAPBoxHead, MaskHead
+from vglaw.models.hub import ModelFolderMixin
 from vglaw.models.language import LanguageAggregator, WeightGenerator
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder
 from vglaw.models.vitdet import LowRank, ViTDet
@@ -28,7 +30,7 @@ class LanguageWeights(NamedTuple):
     tokens: Tensor  # (B, L, d_l), F_l
 
 
-class VGLAW(nn.Module):
+class VGLAW(nn.Module, ModelFolderMixin):
     """Single-stage multi-task visual grounding with language-adaptive weights (Su et al., 2023).
 
     Args:
@@ -49,6 +51,9 @@ class VGLAW(nn.Module):
         lap_dim: k, the attention width of the box head's language-adaptive pooling.
         mask_dim: channels between the mask head's two transposed convolutions (paper: 256).
         task: "both" (REC and RES), "box" (REC only) or "mask" (RES only).
+
+    `save_pretrained(dir)` / `VGLAW.from_pretrained(dir_or_hub_id)` write and read model
+    folders (`vglaw.models.hub`).
     """
 
     def __init__(
@@ -73,7 +78,7 @@ class VGLAW(nn.Module):
     ) -> None:
         super().__init__()
         if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+            raise UsageError(f"task must be one of {TASKS}, got {task!r}")
         self.img_size = img_size
         self.task = task
         self.text = TextEncoder(text_encoder, text_layers, text_pretrained)

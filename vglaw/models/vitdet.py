@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
+from vglaw.errors import UsageError
 from vglaw.models.geometry import (
     decomposed_rel_pos_bias,
     resize_abs_pos,
@@ -81,7 +82,7 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+            raise UsageError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.window_size = window_size
@@ -204,7 +205,7 @@ class ViTDet(nn.Module):
     ) -> None:
         super().__init__()
         if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+            raise UsageError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         grid = img_size // patch_size
         self.embed_dim = embed_dim
         self.patch_size = patch_size

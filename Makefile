@@ -14,8 +14,9 @@ CKPT ?=
 DATA_ROOT ?= data
 SHAPES ?= data
 OUT ?= outputs/demo
+OUT_GREF ?= outputs/demo-gref
 
-.PHONY: setup test test-all lint demo train eval bench bench-quick clean
+.PHONY: setup test test-all lint demo demo-gref train eval bench bench-quick clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,9 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m vglaw.demo --data $(SHAPES) --out $(OUT)
+
+demo-gref: $(STAMP)
+	$(PY) -m vglaw.demo --generalised --data $(SHAPES) --out $(OUT_GREF)
 
 train: $(STAMP)
 	$(VENV)/bin/vglaw fit --config configs/$(DATASET).yaml --trainer.devices $(GPUS) --trainer.num_nodes $(NODES) $(ARGS)

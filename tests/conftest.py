@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +7,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Model folders that tests write are remembered here, not in the user's ~/.cache/vglaw.
+os.environ["VGLAW_HOME"] = tempfile.mkdtemp(prefix="vglaw-home-")
 
 
 def pytest_collection_modifyitems(config, items):

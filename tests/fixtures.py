@@ -58,3 +58,37 @@ def write_refcoco(root: Path, splits=("train", "train", "val", "testA", "testB",
     with open(root / "refcoco" / "refs(unc).p", "wb") as f:
         pickle.dump(refs, f, protocol=2)
     return {"images": images, "annotations": anns, "refs": refs}
+
+
+def write_grefcoco(root: Path) -> dict:
+    """A tiny 'grefcoco' (splitBy unc, gRefCOCO's JSON format): two images with three objects
+    each; per image a one-target, a two-target and a no-target ref."""
+    image_dir = root / "images" / "mscoco" / "images" / "train2014"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    (root / "grefcoco").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    images, anns, refs = [], [], []
+    for k, split in enumerate(("train", "val")):
+        image_id, h, w = 200 + k, 64, 96
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(image_dir / coco_name(image_id))
+        images.append({"id": image_id, "file_name": coco_name(image_id), "height": h, "width": w})
+        ids = []
+        for j, (x0, y0) in enumerate(((4, 4), (40, 10), (60, 36))):
+            poly = [[x0, y0, x0 + 20, y0, x0 + 20, y0 + 16, x0, y0 + 16]]
+            rle = mask_utils.merge(mask_utils.frPyObjects(poly, h, w))
+            ids.append(2000 + 10 * k + j)
+            anns.append({"id": ids[-1], "image_id": image_id, "category_id": 1 + j, "segmentation": poly,
+                         "bbox": [float(v) for v in mask_utils.toBbox(rle)], "area": float(mask_utils.area(rle)),
+                         "iscrowd": 0})
+        for r, (members, text) in enumerate((([ids[0]], "the first thing"), (ids[1:], "the two other things"),
+                                             ([-1], "the purple elephant"))):
+            ref_id = 100 * k + r
+            refs.append({"ref_id": ref_id, "ann_id": members, "image_id": image_id, "split": split,
+                         "category_id": [1] if members != [-1] else [-1], "no_target": members == [-1],
+                         "sentences": [{"sent_id": 10 * ref_id, "sent": text, "raw": text, "tokens": text.split()}]})
+    with open(root / "grefcoco" / "instances.json", "w") as f:
+        json.dump({"images": images, "annotations": anns,
+                   "categories": [{"id": i, "name": f"c{i}"} for i in (1, 2, 3)]}, f)
+    with open(root / "grefcoco" / "grefs(unc).json", "w") as f:
+        json.dump(refs, f)
+    return {"images": images, "annotations": anns, "refs": refs}

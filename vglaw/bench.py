@@ -1,7 +1,9 @@
 """`vglaw bench` / `make bench`: cost of VG-LAW, measured side by side in one run.
 
-Writes bench/results.json and bench/results.md and prints the Markdown. Every timing is the
-median of interleaved repeats after a warm-up; ratios compare runs taken in the same loop.
+Writes bench/results.json and bench/results.md and prints the Markdown. Every timing is reported
+as median (min–max) over interleaved repeats after a warm-up; a ratio is taken round by round
+and, against a target, says whether it meets it, misses it, or is inconclusive because its
+spread straddles the target.
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import ctypes
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vglaw
 from vglaw.models.vitdet import ViTDet
+from vglaw.timing import Ratio, timeit
 
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's dense bf16 peak for the H100 SXM, used for MFU
 
@@ -62,22 +64,6 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def timeit(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, sync=lambda: None) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved so drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            sync()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def peak_rss_growth(fn: Callable[[], object]) -> float | None:
     """Peak resident memory growth (MiB) while `fn` runs (Linux: VmHWM reset through clear_refs)."""
     status = Path("/proc/self/status")
@@ -112,15 +98,19 @@ def model_costs(name: str, quick: bool) -> dict:
         "gflops": total / 1e9, "gflops_text": text / 1e9, "gflops_backbone": backbone / 1e9,
         "gflops_static_backbone": static / 1e9, "img_size": model.img_size,
     }
-    reps = 2 if quick else 5
+    reps = 3 if quick else 5
     with torch.no_grad():
-        b1, b8 = inputs(model, 1), inputs(model, 8 if not quick or name != "vglaw_vitb" else 2)
+        big = 8 if name != "vglaw_vitb" else (2 if quick else 8)
+        b1, b8 = inputs(model, 1), inputs(model, big)
         t = timeit({"b1": lambda: model(*b1), "b8": lambda: model(*b8)}, reps)
-    out["cpu_latency_b1_ms"] = t["b1"] * 1e3
-    out["cpu_throughput_batch"] = b8[0].shape[0]
-    out["cpu_throughput_img_s"] = b8[0].shape[0] / t["b8"]
-    model.requires_grad_(True)
-    out["cpu_train_step"] = train_step_time(model, 8 if name != "vglaw_vitb" else 2, 2 if quick else 4)
+    out["cpu_latency_b1"] = t["b1"].summary()
+    out["cpu_throughput_batch"] = big
+    out["cpu_throughput"] = t["b8"].summary()
+    if quick and name == "vglaw_vitb":
+        out["cpu_train_step"] = None  # a ViT-B step at 448 takes ~10 s on 2 cores: full mode only
+    else:
+        model.requires_grad_(True)
+        out["cpu_train_step"] = train_step_time(model, 8 if name != "vglaw_vitb" else 2, 3 if quick else 4)
     return out
 
 
@@ -146,7 +136,7 @@ def train_step_time(model: nn.Module, batch: int, repeats: int, device="cpu", dt
     sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     t = timeit({"step": step}, repeats, sync=sync)["step"]
     model.eval()
-    return {"batch": batch, "step_s": t, "img_s": batch / t}
+    return {"batch": batch, **t.summary(), "img_s": batch / t.median}
 
 
 def backbone_comparison(size: int, batch: int, repeats: int) -> dict:
@@ -168,8 +158,12 @@ def backbone_comparison(size: int, batch: int, repeats: int) -> dict:
             "static": lambda: ours(x, None),
             "timm_sam": lambda: sam.forward_features(x),
         }, repeats)
-    return {"img_size": size, "batch": batch, **{f"{k}_s": v for k, v in t.items()},
-            "adaptive_over_static": t["adaptive"] / t["static"], "static_over_timm": t["static"] / t["timm_sam"]}
+    a_s, s_t = Ratio.of(t["adaptive"], t["static"]), Ratio.of(t["static"], t["timm_sam"])
+    return {"img_size": size, "batch": batch, **{k: v.summary() for k, v in t.items()},
+            "adaptive_over_static": {"values": a_s.values, "median": a_s.median, "target": 1.05,
+                                     "verdict": a_s.verdict(1.05), "text": a_s.text(1.05)},
+            "static_over_timm": {"values": s_t.values, "median": s_t.median, "target": 1.0,
+                                 "verdict": s_t.verdict(1.0), "text": s_t.text(1.0)}}
 
 
 def scaling(name: str, batches: list[int], sizes: list[int], repeats: int) -> list[dict]:
@@ -182,7 +176,8 @@ def scaling(name: str, batches: list[int], sizes: list[int], repeats: int) -> li
                 x = inputs(model, batch, size)
                 t = timeit({"f": lambda x=x: model(*x)}, repeats)["f"]
                 mem = peak_rss_growth(lambda x=x: model(*x))
-                rows.append({"img_size": size, "batch": batch, "time_s": t, "img_s": batch / t, "peak_mib": mem})
+                rows.append({"img_size": size, "batch": batch, **t.summary(), "img_s": batch / t.median,
+                             "peak_mib": mem})
     return rows
 
 
@@ -204,6 +199,31 @@ def data_throughput(root: str, img_size: int, n: int) -> dict:
     return {"img_size": img_size, "img_s_per_worker": n / (time.perf_counter() - t)}
 
 
+def onnx_comparison(name: str, batches: tuple[int, ...], repeats: int) -> dict:
+    """ONNX Runtime vs PyTorch on the CPU, same model and inputs, interleaved: latency at batch 1
+    and throughput at the larger batch, with the threads torch uses."""
+    from vglaw.onnx import OnnxModel, export_onnx
+
+    model = build(name).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        model.save_pretrained(folder)
+        start = time.time()
+        path = export_onnx(folder, Path(tmp) / "model.onnx")
+        export_s = time.time() - start
+        ort = OnnxModel(path, threads=torch.get_num_threads())
+        rows = {}
+        with torch.no_grad():
+            for batch in batches:
+                x = inputs(model, batch)
+                t = timeit({"torch": lambda x=x: model(*x), "onnxruntime": lambda x=x: ort(*x)}, repeats)
+                r = Ratio.of(t["onnxruntime"], t["torch"])
+                rows[f"b{batch}"] = {"torch": t["torch"].summary(), "onnxruntime": t["onnxruntime"].summary(),
+                                     "ort_over_torch": {"values": r.values, "median": r.median, "text": r.text()}}
+        size_mb = path.stat().st_size / 2**20
+    return {"model": name, "img_size": model.img_size, "export_s": export_s, "onnx_mb": size_mb, **rows}
+
+
 def gpu_section(quick: bool) -> dict | None:
     if not torch.cuda.is_available():
         return None
@@ -221,7 +241,7 @@ def gpu_section(quick: bool) -> dict | None:
                     model(*x)
 
             t = timeit({"f": fwd}, 5 if quick else 20, warmup=3, sync=torch.cuda.synchronize)["f"]
-            out[f"infer_{tag}_b{batch}_img_s"] = batch / t
+            out[f"infer_{tag}_b{batch}_img_s"] = batch / t.median
         out[f"infer_{tag}_mfu"] = out[f"infer_{tag}_b{batch}_img_s"] * flops / (H100_BF16_DENSE_TFLOPS * 1e12)
     model.requires_grad_(True)
     for batch in (64,) if quick else (64, 128):
@@ -231,42 +251,6 @@ def gpu_section(quick: bool) -> dict | None:
         out[f"train_bf16_b{batch}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out[f"train_bf16_b{batch}_mfu"] = r["img_s"] * 3 * flops / (H100_BF16_DENSE_TFLOPS * 1e12)
     return out
-
-
-def to_markdown(r: dict) -> str:
-    lines = [f"Machine: {r['machine']}, torch {r['torch']}, {r['threads']} CPU threads; mode: {r['mode']}.",
-             ""]
-    lines += ["| model | params (M) | visual / text (M) | GFLOPs / pair | CPU latency b1 (ms) | CPU throughput (img/s) "
-              "| CPU train step (img/s) |", "|---|---|---|---|---|---|---|"]
-    for name, m in r["models"].items():
-        lines.append(f"| {name} @ {m['img_size']} | {m['params_M']:.1f} | {m['params_visual_M']:.1f} / "
-                     f"{m['params_text_M']:.1f} | {m['gflops']:.1f} (text {m['gflops_text']:.1f}, backbone "
-                     f"{m['gflops_backbone']:.1f}) | {m['cpu_latency_b1_ms']:.0f} | {m['cpu_throughput_img_s']:.2f} "
-                     f"(b{m['cpu_throughput_batch']}) | {m['cpu_train_step']['img_s']:.2f} "
-                     f"(b{m['cpu_train_step']['batch']}) |")
-    c = r["backbone"]
-    lines += ["", f"Backbones at {c['img_size']}, batch {c['batch']} (CPU, interleaved medians):", "",
-              "| language-adaptive | static | timm samvit_base_patch16 | adaptive / static | static / timm |",
-              "|---|---|---|---|---|",
-              f"| {c['adaptive_s']:.3f} s | {c['static_s']:.3f} s | {c['timm_sam_s']:.3f} s | "
-              f"{c['adaptive_over_static']:.3f} | {c['static_over_timm']:.3f} |"]
-    lines += ["", "Forward scaling (CPU, vglaw_vitb):", "",
-              "| input | batch | time (s) | img/s | peak RSS growth (MiB) |", "|---|---|---|---|---|"]
-    for s in r["scaling"]:
-        mem = "n/a" if s["peak_mib"] is None else f"{s['peak_mib']:.0f}"
-        lines.append(f"| {s['img_size']} | {s['batch']} | {s['time_s']:.3f} | {s['img_s']:.2f} | {mem} |")
-    lines += ["", "Data pipeline vs training (one worker, shapes, CPU):", "",
-              "| input | data img/s per worker | model train img/s | bound by |", "|---|---|---|---|"]
-    for d in r["data"]:
-        train = r["models"]["vglaw_small" if d["img_size"] == 128 else "vglaw_vitb"]["cpu_train_step"]["img_s"]
-        lines.append(f"| {d['img_size']} | {d['img_s_per_worker']:.0f} | {train:.2f} | "
-                     f"{'data' if d['img_s_per_worker'] < train else 'model'} |")
-    if r["gpu"]:
-        lines += ["", f"GPU ({r['gpu']['device']}):", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in r["gpu"].items()]
-    else:
-        lines += ["", "GPU: none present in this run."]
-    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
@@ -284,10 +268,12 @@ def main(argv: list[str]) -> int:
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     steps = [
         ("models", lambda: {n: model_costs(n, q) for n in ("vglaw_small", "vglaw_vitb")}),
-        ("backbone", lambda: backbone_comparison(224 if q else 448, 2 if q else 8, 3 if q else 7)),
+        ("backbone", lambda: backbone_comparison(224 if q else 448, 2 if q else 8, 5 if q else 7)),
         ("scaling", lambda: scaling("vglaw_vitb", [1, 2] if q else [1, 2, 4, 8], [224, 448] if q else
                                     [224, 320, 448, 640], 1 if q else 3)),
         ("data", lambda: [data_throughput(args.data, s, 64 if q else 512) for s in (128, 448)]),
+        ("onnx", lambda: [onnx_comparison("vglaw_small", (1, 8), 5 if q else 10)]
+         + ([] if q else [onnx_comparison("vglaw_vitb", (1, 4), 3)])),
         ("gpu", lambda: gpu_section(q)),
     ]
     from tqdm import tqdm
@@ -298,6 +284,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2))
+    from vglaw.bench_report import to_markdown
+
     md = to_markdown(report)
     (out / "results.md").write_text(md + "\n")
     print(md)

@@ -34,11 +34,15 @@ def count_devices(devices, accelerator: str = "auto") -> int:
     return int(text)
 
 
-def monitor_key(task: str, val_splits: list[str] | None) -> str:
-    """The metric that picks the best checkpoint: the first validation split's Prec@0.5 for a
-    model with a box head, its mIoU for a mask-only model (which logs no Prec@0.5)."""
+def monitor_key(task: str, val_splits: list[str] | None, variant: str | None = None) -> str:
+    """The metric that picks the best checkpoint, on the first validation split: gIoU for a
+    generalised model, Prec@0.5 for one with a box head, mIoU for a mask-only model (which logs
+    no Prec@0.5)."""
+    from vglaw.models.factory import is_generalised
+
     split = (val_splits or ["val"])[0]
-    return f"{split}/{'miou' if task == 'mask' else 'prec@0.5'}"
+    metric = "giou" if variant and is_generalised(variant) else "miou" if task == "mask" else "prec@0.5"
+    return f"{split}/{metric}"
 
 
 def lightning_main(args: list[str]) -> None:
@@ -56,13 +60,24 @@ def lightning_main(args: list[str]) -> None:
             parser.link_arguments("model.weight_seg", "data.categories", compute_fn=lambda w: w > 0)
             parser.link_arguments("data.num_categories", "model.seg_classes", apply_on="instantiate")
             parser.add_lightning_class_args(Checkpoint, "checkpoint")
-            parser.link_arguments(("model.task", "data.val_splits"), "checkpoint.monitor", compute_fn=monitor_key)
+            parser.link_arguments(("model.task", "data.val_splits", "model.variant"), "checkpoint.monitor",
+                                  compute_fn=monitor_key)
             parser.set_defaults({
                 "checkpoint.mode": "max", "checkpoint.save_last": True,
                 "checkpoint.filename": "best-{epoch}", "checkpoint.auto_insert_metric_name": False,
             })
             parser.add_lightning_class_args(RNGState, "rng_state")
             parser.add_lightning_class_args(ExportModel, "export_model")
+
+        def instantiate_trainer(self, **kwargs):
+            from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+            from vglaw.training.callbacks import AtomicCheckpointIO
+
+            trainer = super().instantiate_trainer(**kwargs)
+            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
+                trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            return trainer
 
         def before_instantiate_classes(self) -> None:
             import torch
@@ -84,6 +99,15 @@ def lightning_main(args: list[str]) -> None:
                     )
                 cfg.trainer.accumulate_grad_batches = cfg.data.global_batch_size // per_step
 
+    # LightningCLI opens --ckpt_path (for its hyperparameters) before any hook of ours runs:
+    # refuse a file that is missing or would need code to load, before it gets there.
+    for i, arg in enumerate(args):
+        path = arg.split("=", 1)[1] if arg.startswith("--ckpt_path=") else (
+            args[i + 1] if arg == "--ckpt_path" and i + 1 < len(args) else None)
+        if path and path.lower() not in ("null", "none", "last", "best", "hpc", "registry"):
+            from vglaw.safe_pickle import load_torch_file
+
+            load_torch_file(path, "checkpoint (--ckpt_path)")
     # From the console LightningCLI reads sys.argv itself; explicit args are for calls from Python.
     VGLAWCLI(VGLAWModule, ReferDataModule, args=None if args == sys.argv[1:] else args, seed_everything_default=0,
              save_config_kwargs={"overwrite": True})

@@ -40,16 +40,29 @@ def pooling_map_on_image(lap: np.ndarray, letterbox: dict, image_shape: tuple[in
 
 
 def explain_figure(image: np.ndarray, result: dict, path: str | Path, img_size: int) -> Path:
-    """Write the three-panel PNG for one result of `Grounder.predict(..., return_attention=True)`.
+    """Write the three-panel PNG (`build_explain_figure`) for one result."""
+    from vglaw.atomic import atomic_write
+
+    plt = _figure()
+    fig = build_explain_figure(image, result, img_size)
+    path = Path(path)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def build_explain_figure(image: np.ndarray, result: dict, img_size: int):
+    """The matplotlib figure for one result of `Grounder.predict(..., return_attention=True)`.
 
     Args:
         image: the picture to draw on, (H, W, 3) uint8 (any size; boxes and masks are scaled).
         result: one result with "tokens", "lang_attention" and, for box models, "lap_attention".
-        path: output PNG.
         img_size: the model's input side S.
-    """
-    from vglaw.atomic import atomic_write
 
+    Returns:
+        a 15 x 4.8 inch figure whose first three axes are the panels (a), (b), (c).
+    """
     plt = _figure()
     h0, w0 = result["size"]
     H, W = image.shape[:2]
@@ -65,33 +78,32 @@ def explain_figure(image: np.ndarray, result: dict, path: str | Path, img_size: 
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax = axes[1]
     ax.imshow(image)
-    if "lap_attention" in result:
-        heat = pooling_map_on_image(result["lap_attention"], result["letterbox"], image.shape[:2], img_size, (h0, w0))
+    if "lap_attention" in result or "centre_map" in result:
+        key = "lap_attention" if "lap_attention" in result else "centre_map"
+        heat = pooling_map_on_image(result[key], result["letterbox"], image.shape[:2], img_size, (h0, w0))
         ax.imshow(heat, cmap="inferno", alpha=0.6)
-        ax.set_title("(b) box head's pooling map A", fontsize=10)
+        ax.set_title("(b) box head's pooling map A" if key == "lap_attention" else
+                     "(b) referred-object centre map", fontsize=10)
     else:
         ax.set_title("(b) no box head in this model", fontsize=10)
     ax.axis("off")
     ax = axes[2]
     ax.imshow(image)
     if "mask" in result:
-        from PIL import Image
-
-        mask = np.asarray(Image.fromarray(result["mask"]).resize((W, H), Image.NEAREST))
+        ys = ((np.arange(H) + 0.5) * result["mask"].shape[0] / H).astype(int)
+        xs = ((np.arange(W) + 0.5) * result["mask"].shape[1] / W).astype(int)
+        mask = result["mask"][ys][:, xs]  # nearest, without a full-size copy
         overlay = np.zeros((H, W, 4), dtype=np.float32)
         overlay[mask] = (0.9, 0.1, 0.3, 0.5)
         ax.imshow(overlay)
-    if "box" in result:
-        x1, y1, x2, y2 = result["box"]
+    for x1, y1, x2, y2 in ([result["box"]] if "box" in result else []) + result.get("boxes", []):
         ax.add_patch(plt.Rectangle((x1 * fx, y1 * fy), (x2 - x1) * fx, (y2 - y1) * fy, fill=False,
                                    edgecolor="lime", linewidth=2))
     score = f" (score {result['score']:.2f})" if "score" in result else ""
+    if result.get("no_target"):
+        score = f" (no target, existence {result['exists']:.2f})"
     ax.set_title(f"(c) mask and box{score}", fontsize=10)
     ax.axis("off")
     fig.suptitle(f"\u201c{result['text']}\u201d", fontsize=12)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return fig

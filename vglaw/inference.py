@@ -163,12 +163,21 @@ class Grounder:
             if "masks" in pred:
                 r["mask"] = pred["masks"][i].cpu().numpy()
                 r["score"] = round(float(pred["mask_scores"][i]), 4)  # mean probability over the mask
+            if "box_sets" in pred:  # generalised: every box of the set, or none
+                from vglaw.models.generalised import EXIST_THRESHOLD
+
+                r["exists"] = round(float(pred["exists"][i]), 4)
+                r["no_target"] = r["exists"] < EXIST_THRESHOLD
+                r["boxes"] = [[round(v, 2) for v in b] for b in pred["box_sets"][i].tolist()]
+                r["box_scores"] = [round(v, 4) for v in pred["box_set_scores"][i].tolist()]
             if return_attention:
                 n = int(tokens["attention_mask"][i].sum())
                 r["tokens"] = self.tokenizer.convert_ids_to_tokens(tokens["input_ids"][i, :n].tolist())
                 r["lang_attention"] = outputs["lang_attention"][i, :, :, :n].float().cpu().numpy()  # (depth, G, n)
                 if "lap_attention" in outputs:
                     r["lap_attention"] = outputs["lap_attention"][i].float().cpu().numpy()  # (h, w) of the input
+                if "centre_logits" in outputs:
+                    r["centre_map"] = outputs["centre_logits"][i].float().sigmoid().cpu().numpy()  # (2h, 2w)
                 r["letterbox"] = {k: p.sample[k].tolist() for k in ("scale", "pad")}
             results.append(r)
         return results

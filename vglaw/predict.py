@@ -39,8 +39,10 @@ def draw_overlay(image: np.ndarray, results: list[dict]) -> Image.Image:
     for k, r in enumerate(results):
         if r.get("mask") is not None and r["mask"].any():
             mask = r["mask"]
-            if mask.shape != (H, W):
-                mask = np.asarray(Image.fromarray(mask).resize((W, H), Image.NEAREST))
+            if mask.shape != (H, W):  # nearest pixel centres, without copying the full-size mask
+                ys = ((np.arange(H) + 0.5) * mask.shape[0] / H).astype(int)
+                xs = ((np.arange(W) + 0.5) * mask.shape[1] / W).astype(int)
+                mask = mask[ys][:, xs]
             colour = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
             canvas[mask] = 0.5 * canvas[mask] + 0.5 * colour
     out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
@@ -53,11 +55,21 @@ def draw_overlay(image: np.ndarray, results: list[dict]) -> Image.Image:
         colour = PALETTE[k % len(PALETTE)]
         h0, w0 = r.get("size", (H, W))
         fx, fy = out.width / w0, out.height / h0
-        box = [r["box"][0] * fx, r["box"][1] * fy, r["box"][2] * fx, r["box"][3] * fy] if "box" in r else None
+        scale = lambda b, fx=fx, fy=fy: [b[0] * fx, b[1] * fy, b[2] * fx, b[3] * fy]  # noqa: E731
+        box = scale(r["box"]) if "box" in r else None
         if box is not None:
             draw.rectangle(box, outline=colour, width=width)
+        for b, s in zip(r.get("boxes", []), r.get("box_scores", [])):  # generalised: every box of the set
+            b = scale(b)
+            draw.rectangle(b, outline=colour, width=width)
+            draw.text((b[0] + 2, b[1] + 1), f"{s:.2f}", fill=colour)
+            box = box or b
         x, y = (box[0], max(0, box[1] - 12)) if box is not None else (2, 2 + 12 * k)
-        label = " ".join(r["text"].split()) + (f" ({r['score']:.2f})" if "score" in r else "")
+        label = " ".join(r["text"].split())
+        if r.get("no_target"):
+            label += f" (no target, existence {r['exists']:.2f})"
+        elif "score" in r:
+            label += f" ({r['score']:.2f})"
         x = max(0, min(x, out.width - draw.textlength(label)))  # keep the label inside the picture
         left, top, right, bottom = draw.textbbox((x, y), label)
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
@@ -66,10 +78,11 @@ def draw_overlay(image: np.ndarray, results: list[dict]) -> Image.Image:
 
 
 def result_json(r: dict) -> dict:
-    """A result as JSON: box (xyxy, original pixels), score, mask as COCO RLE with its area."""
-    item = {k: r[k] for k in ("text", "box", "score") if k in r}
+    """A result as JSON: box (xyxy, original pixels), score, mask as COCO RLE with its area; for
+    generalised models also "no_target", "exists" and every box with its score."""
+    item = {k: r[k] for k in ("text", "box", "score", "no_target", "exists", "boxes", "box_scores") if k in r}
     if "mask" in r:
-        rle = mask_utils.encode(np.asfortranarray(r["mask"].astype(np.uint8)))
+        rle = mask_utils.encode(np.asfortranarray(r["mask"].view(np.uint8)))  # one copy, even for 100 MP
         item["mask_area"] = int(r["mask"].sum())
         item["mask_rle"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
     return item
@@ -212,7 +225,13 @@ def predict_one(args, grounder) -> int:
         print(json.dumps(report, indent=2))
     else:
         for r in results:
-            print(f"{r['text']!r}: box={r.get('box')} score={r.get('score')}")
+            if r.get("no_target"):
+                print(f"{r['text']!r}: no target (existence score {r['exists']:.2f})")
+            elif "boxes" in r:
+                print(f"{r['text']!r}: {len(r['boxes'])} boxes (existence score {r['exists']:.2f}): " +
+                      ", ".join(f"{b} score={s}" for b, s in zip(r["boxes"], r["box_scores"])))
+            else:
+                print(f"{r['text']!r}: box={r.get('box')} score={r.get('score')}")
         print(f"overlay written to {out}" + (f"; explanations: {', '.join(figures)}" if figures else ""))
     return 0
 

@@ -53,8 +53,9 @@ def check_run(subcommand: str, config) -> None:
     Raises:
         PreflightError: one line per problem.
     """
-    from vglaw.data.refer import DEFAULT_SPLIT_BY, IMAGE_DIRS, SPLITS
-    from vglaw.models.factory import VARIANTS
+    from vglaw.data.grefer import GReferDataset
+    from vglaw.data.refer import DEFAULT_SPLIT_BY, GENERALISED, IMAGE_DIRS, SPLITS, ReferDataset
+    from vglaw.models.factory import VARIANTS, is_generalised
 
     problems: list[str] = []
     data, model, trainer = config.data, config.model, config.trainer
@@ -64,6 +65,10 @@ def check_run(subcommand: str, config) -> None:
         problems.append(f"data.num_workers must be >= 0, got {data.num_workers}")
     if model.variant not in VARIANTS:
         problems.append(f"model.variant {model.variant!r} is unknown; available: {', '.join(sorted(VARIANTS))}")
+    elif is_generalised(model.variant) != (data.dataset in GENERALISED):
+        problems.append(f"model.variant {model.variant} and data.dataset {data.dataset} do not go together: "
+                        f"generalised variants (*_gref) train on {' / '.join(GENERALISED)}, the others on "
+                        "single-target data")
     else:
         patch = VARIANTS[model.variant][1].get("patch_size", 16)
         if data.img_size is None or data.img_size < patch or data.img_size % patch:
@@ -72,12 +77,14 @@ def check_run(subcommand: str, config) -> None:
     root = Path(data.data_root).expanduser()
     if data.dataset in SPLITS:
         split_by = data.split_by or DEFAULT_SPLIT_BY[data.dataset]
-        hint = ("run `vglaw data shapes --out " + str(root) + "`" if data.dataset == "shapes"
-                else "see data/README.md for where to download it and the layout")
+        reader = GReferDataset if data.dataset in GENERALISED else ReferDataset
+        hint = (f"run `vglaw data shapes --out {root}{' --generalised' if data.dataset == 'gshapes' else ''}`"
+                if data.dataset in ("shapes", "gshapes") else
+                "see data/README.md for where to download it and the layout")
         if not root.is_dir():
             problems.append(f"dataset: data.data_root {root} does not exist ({hint})")
         else:
-            for p in (root / data.dataset / f"refs({split_by}).p", root / data.dataset / "instances.json",
+            for p in (root / data.dataset / reader.refs_file(split_by), root / data.dataset / "instances.json",
                       root / IMAGE_DIRS[data.dataset]):
                 if not p.exists():
                     problems.append(f"dataset: {p} is missing ({hint})")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vglaw.data.refer import DEFAULT_SPLIT_BY, SPLITS, BadSampleError, ReferDataset
+from vglaw.data.grefer import GReferDataset
+from vglaw.data.refer import DEFAULT_SPLIT_BY, GENERALISED, SPLITS, BadSampleError, ReferDataset
 from vglaw.errors import UsageError
 
 
@@ -26,7 +27,8 @@ def check(root: str, dataset: str, split_by: str | None, load_images: bool) -> t
     for split in SPLITS[dataset][split_by]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = ReferDataset(root, dataset, split, split_by, skip_invalid=True)
+            reader = GReferDataset if dataset in GENERALISED else ReferDataset
+            ds = reader(root, dataset, split, split_by, skip_invalid=True)
         problems += [f"{split}: {p}" for p in ds.problems]
         counts[split] = {**ds.counts(), "skipped": len(ds.problems)}
         if load_images:
@@ -48,6 +50,8 @@ def main(argv: list[str]) -> int:
     s.add_argument("--train", type=int, default=2000, help="training images")
     s.add_argument("--val", type=int, default=200, help="validation images")
     s.add_argument("--test", type=int, default=200, help="test images")
+    s.add_argument("--generalised", action="store_true",
+                   help="also expressions naming several shapes or none, in gRefCOCO's format (OUT/gshapes)")
     c = sub.add_parser("check", help="check a prepared refer-format folder and print per-split counts")
     c.add_argument("--root", default="data")
     c.add_argument("--dataset", required=True, choices=sorted(SPLITS))
@@ -61,13 +65,17 @@ def main(argv: list[str]) -> int:
         for name in ("train", "val", "test"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name} must be >= 1 image, got {getattr(args, name)}")
-        counts = generate(args.out, args.seed, {"train": args.train, "val": args.val, "test": args.test})
+        counts = generate(args.out, args.seed, {"train": args.train, "val": args.val, "test": args.test},
+                          generalised=args.generalised)
     else:
         counts, problems = check(args.root, args.dataset, args.split_by, args.images)
-    print(f"{'split':<8} {'images':>8} {'refs':>8} {'sentences':>10}" + (f" {'skipped':>8}" if problems else ""))
+    extra = [k for k in ("no_target", "multi_target", "skipped") if any(k in c for c in counts.values())]
+    if not problems and "skipped" in extra:
+        extra.remove("skipped")
+    print(f"{'split':<8} {'images':>8} {'refs':>8} {'sentences':>10}" + "".join(f" {k:>12}" for k in extra))
     for split, c in counts.items():
         print(f"{split:<8} {c['images']:>8} {c['refs']:>8} {c['sentences']:>10}"
-              + (f" {c['skipped']:>8}" if problems else ""))
+              + "".join(f" {c.get(k, 0):>12}" for k in extra))
     if problems:
         for p in problems[:50]:
             print(f"vglaw data check: bad sample: {p}", file=sys.stderr)

@@ -4,7 +4,9 @@ Batches hold: "images" (B, 3, S, S), "masks" (B, S, S), "boxes" (B, 4) normalise
 "input_ids" / "attention_mask" (B, L <= 40), the letterbox records "scale", "pad",
 "orig_size" (B, 2), "index" (B,) sentence index in its split, "texts"; with `categories`,
 "categories" (B, S, S) int64 category maps (see `vglaw.data.refer`); evaluation batches also
-"orig_boxes" (B, 4) xyxy and "orig_masks" (a list of (h, w) uint8 masks).
+"orig_boxes" (B, 4) xyxy and "orig_masks" (a list of (h, w) uint8 masks). Generalised datasets
+add "boxes_set" (a list of (N_b, 4) normalised cxcywh), "has_target" (B,) and, for evaluation,
+"orig_boxes_set" (a list of (N_b, 4) xyxy); their "masks" are the union of the set.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from vglaw.data.refer import DEFAULT_SPLIT_BY, ReferDataset, category_count
+from vglaw.data.grefer import GReferDataset
+from vglaw.data.refer import DEFAULT_SPLIT_BY, GENERALISED, ReferDataset, category_count
 from vglaw.data.transforms import GroundingTransform
 from vglaw.errors import UsageError
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, MAX_TOKENS, load_tokenizer
@@ -45,6 +48,11 @@ class Collate:
         }
         if "categories" in samples[0]:
             batch["categories"] = torch.stack([s["categories"] for s in samples])
+        if "boxes_set" in samples[0]:  # generalised: sets of 0..N boxes
+            batch["boxes_set"] = [s["boxes_set"] for s in samples]
+            batch["has_target"] = torch.tensor([s["has_target"] for s in samples])
+            if "orig_boxes_set" in samples[0]:
+                batch["orig_boxes_set"] = [s["orig_boxes_set"] for s in samples]
         if "orig_box" in samples[0]:
             batch["orig_boxes"] = torch.stack([s["orig_box"] for s in samples])
             batch["orig_masks"] = [s["orig_mask"] for s in samples]
@@ -55,7 +63,8 @@ class ReferDataModule(pl.LightningDataModule):
     """Train / validation / test loaders of one refer-format dataset.
 
     Args:
-        dataset: refcoco, refcoco+, refcocog, refclef or shapes.
+        dataset: refcoco, refcoco+, refcocog, refclef or shapes; grefcoco or gshapes for
+            generalised grounding (0..N referred objects, `vglaw.data.grefer`).
         data_root: folder holding `<dataset>/` and `images/` (see data/README.md).
         split_by: unc, umd, google or berkeley; None takes the dataset's default.
         train_split: split to train on.
@@ -127,7 +136,8 @@ class ReferDataModule(pl.LightningDataModule):
         key = f"{name}:{train}"
         if key not in self._sets:
             transform = GroundingTransform(self.img_size, train=train, keep_original=not train, **self.augmentation)
-            self._sets[key] = ReferDataset(self.data_root, self.dataset, name, self.split_by,
+            reader = GReferDataset if self.dataset in GENERALISED else ReferDataset
+            self._sets[key] = reader(self.data_root, self.dataset, name, self.split_by,
                                            skip_invalid=self.skip_invalid and train, transform=transform,
                                            cache=self.cache_images, categories=self.categories)
             if train or f"{name}:{not train}" not in self._sets:

@@ -20,7 +20,7 @@ MARGIN = 8.0  # px: positions closer than this are not told apart
 
 @dataclass(frozen=True)
 class Desc:
-    kind: str
+    kind: str | None  # None only in generalised expressions: any kind ("the red shapes")
     color: str | None = None
     size: str | None = None
 
@@ -108,3 +108,63 @@ def resolve(expr: Expression, objects: list[dict]) -> list[int]:
             return []  # the only candidate is too close to the anchor to be clearly there
         return possible
     return cands
+
+
+# ---- generalised expressions: zero, one or many referred objects ----------------------------
+
+QUANTIFIERS = ("the", "all the", "every", "both")  # plural "the", "all the"; singular "every"; exactly two "both"
+
+
+@dataclass(frozen=True)
+class SetExpression:
+    """An expression naming every object its description matches: "the red shapes", "all the
+    small stars", "every blue circle", "both squares"; or, with `singular`, "the green
+    triangle" (used for expressions that name nothing in the image).
+
+    A description without a kind ("the red shapes") matches objects of any kind.
+    """
+
+    target: Desc
+    quantifier: str = "the"
+    singular: bool = False
+
+    def text(self) -> str:
+        words = [w for w in (self.target.size, self.target.color) if w]
+        noun = self.target.kind or "shape"
+        if self.singular:
+            return " ".join(["the", *words, noun])
+        if self.quantifier == "every":
+            return " ".join(["every", *words, noun])
+        return " ".join([self.quantifier, *words, noun + "s"])
+
+    def resolve(self, objects: list[dict]) -> list[int]:
+        """Indices of every object the expression names; `both` names its pair only when
+        exactly two objects match, else nothing certain (returns [])."""
+        found = [i for i, o in enumerate(objects) if set_matches(self.target, o)]
+        if self.quantifier == "both" and not self.singular and len(found) != 2:
+            return []
+        return found
+
+
+def set_matches(desc: Desc, obj: dict) -> bool:
+    """`Desc.matches`, with a missing kind matching any kind."""
+    return (desc.kind in (None, obj["kind"]) and desc.color in (None, obj["color"])
+            and desc.size in (None, obj["size"]))
+
+
+_SET_DESC = rf"(?:({'|'.join(SIZES)}) )?(?:({'|'.join(COLORS)}) )?({'|'.join((*KINDS, 'shape'))})"
+_SET_PATTERNS = [
+    (re.compile(rf"(the|all the|both) {_SET_DESC}s"), False),
+    (re.compile(rf"(every) {_SET_DESC}"), False),
+    (re.compile(rf"(the) {_SET_DESC}"), True),
+]
+
+
+def parse_set(text: str) -> SetExpression:
+    """Parse a `SetExpression.text()` (which is also how a singular no-target one reads)."""
+    for pattern, singular in _SET_PATTERNS:
+        m = pattern.fullmatch(text.strip())
+        if m:
+            q, size, color, kind = m.groups()
+            return SetExpression(Desc(None if kind == "shape" else kind, color, size), q, singular)
+    raise ValueError(f"not a generalised shapes expression: {text!r}")

@@ -30,14 +30,21 @@ SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
     "refcocog": {"umd": ("train", "val", "test"), "google": ("train", "val")},
     "refclef": {"unc": ("train", "val", "testA", "testB", "testC"), "berkeley": ("train", "val", "test")},
     "shapes": {"unc": ("train", "val", "test")},
+    # Generalised grounding (zero, one or many referred objects), gRefCOCO's format: `vglaw.data.grefer`.
+    "grefcoco": {"unc": ("train", "val", "testA", "testB")},
+    "gshapes": {"unc": ("train", "val", "test")},
 }
-DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "unc", "shapes": "unc"}
+DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "unc", "shapes": "unc",
+                    "grefcoco": "unc", "gshapes": "unc"}
+GENERALISED = ("grefcoco", "gshapes")
 IMAGE_DIRS = {
     "refcoco": "images/mscoco/images/train2014",
     "refcoco+": "images/mscoco/images/train2014",
     "refcocog": "images/mscoco/images/train2014",
     "refclef": "images/saiapr_tc-12",
     "shapes": "images/shapes",
+    "grefcoco": "images/mscoco/images/train2014",
+    "gshapes": "images/gshapes",
 }
 HOW_TO_GET = "see data/README.md for where to download it and the expected layout"
 IGNORE = 255  # category-map value of crowd regions: no loss there
@@ -255,14 +262,15 @@ class ReferDataset:
         self.transform = transform
         self.skipped = 0
         self._cache: dict | None = {} if cache else None
-        refs_path = self.root / dataset / f"refs({split_by}).p"
+        refs_path = self.root / dataset / self.refs_file(split_by)
         inst_path = self.root / dataset / "instances.json"
         self.image_dir = self.root / IMAGE_DIRS[dataset]
         for p in (refs_path, inst_path, self.image_dir):
             if not p.exists():
-                hint = "run `vglaw data shapes --out ROOT`" if dataset == "shapes" else HOW_TO_GET
+                hint = (f"run `vglaw data shapes --out {self.root}{' --generalised' if dataset == 'gshapes' else ''}`"
+                        if dataset in ("shapes", "gshapes") else HOW_TO_GET)
                 raise MissingFileError(f"{dataset}: expected {p} ({hint})")
-        refs = plain_load(refs_path)
+        refs = self.read_refs(refs_path)
         if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
             raise UsageError(f"{refs_path}: expected a list of refs (dicts), got {type(refs).__name__}")
         inst = read_instances(inst_path)
@@ -276,6 +284,14 @@ class ReferDataset:
             for a in inst["annotations"]:
                 self.image_anns.setdefault(a["image_id"], []).append(a)
         self.samples = self._index(refs, refs_path, inst_path)
+
+    @staticmethod
+    def refs_file(split_by: str) -> str:
+        return f"refs({split_by}).p"
+
+    @staticmethod
+    def read_refs(path: Path):
+        return plain_load(path)
 
     @staticmethod
     def _category_ids(inst: dict, inst_path: Path) -> list[int]:

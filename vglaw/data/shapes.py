@@ -8,6 +8,8 @@ pixels (occlusion included), stored as COCO RLE. Everything is deterministic in 
 
 Layout written under OUT:
     OUT/shapes/instances.json, OUT/shapes/refs(unc).p, OUT/images/shapes/<split>_<id>.png
+and, with `generalised` (zero, one or many referred shapes, in gRefCOCO's format):
+    OUT/gshapes/instances.json, OUT/gshapes/grefs(unc).json, OUT/images/gshapes/<split>_<id>.png
 """
 from __future__ import annotations
 
@@ -22,7 +24,18 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from vglaw.data.expressions import COLORS, KINDS, POSITIONS, RELATIONS, SIZES, Desc, Expression, resolve
+from vglaw.data.expressions import (
+    COLORS,
+    KINDS,
+    POSITIONS,
+    RELATIONS,
+    SIZES,
+    Desc,
+    Expression,
+    SetExpression,
+    resolve,
+    set_matches,
+)
 
 RADIUS = {"small": (9, 12), "big": (16, 21)}
 MIN_VISIBLE = 0.6  # fraction of a shape that must stay visible under the shapes drawn after it
@@ -121,21 +134,60 @@ def _choose(cands: dict[str, list[Expression]], rng: random.Random) -> list[Expr
     return [rng.choice(cands[t]) for t in types[:2]]
 
 
-def generate(out: str | Path, seed: int = 0, splits: dict[str, int] | None = None, progress: bool = True) -> dict:
-    """Write the shapes dataset under `out`; returns per-split counts of images, refs and sentences."""
+def _set_candidates(objects: list[dict]) -> tuple[dict[tuple[int, ...], list[SetExpression]], list[SetExpression]]:
+    """Expressions naming two or more objects, by the set they name, and expressions naming none.
+
+    Every expression is checked with `SetExpression.resolve` to name exactly its set.
+    """
+    multi: dict[tuple[int, ...], list[SetExpression]] = {}
+    empty: list[SetExpression] = []
+    for kind in (None, *KINDS):
+        for color in (None, *COLORS):
+            for size in (None, *SIZES):
+                if kind is None and color is None and size is None:
+                    continue  # "all the shapes" names everything: no grounding in it
+                desc = Desc(kind, color, size)
+                found = tuple(i for i, o in enumerate(objects) if set_matches(desc, o))
+                if len(found) >= 2:
+                    for q in ("the", "all the", "every", "both"):
+                        e = SetExpression(desc, q)
+                        if tuple(e.resolve(objects)) == found:
+                            multi.setdefault(found, []).append(e)
+                elif not found and sum(x is not None for x in (kind, color, size)) >= 2:
+                    # Absent combinations of attributes the images do have: "the green triangle"
+                    # beside a green star and a red triangle.
+                    for e in (SetExpression(desc, "the", singular=True), SetExpression(desc, "all the")):
+                        if e.resolve(objects) == []:
+                            empty.append(e)
+    return multi, empty
+
+
+def generate(out: str | Path, seed: int = 0, splits: dict[str, int] | None = None, progress: bool = True,
+             generalised: bool = False) -> dict:
+    """Write the shapes dataset under `out`; returns per-split counts of images, refs and sentences.
+
+    Args:
+        generalised: also write expressions that name several objects ("the red shapes",
+            "both circles", "every small star") or none (a description absent from the image),
+            in the gRefCOCO format (`OUT/gshapes/grefs(unc).json`, ann_id lists, [-1] for none)
+            instead of the refer format.
+    """
     splits = splits or {"train": 2000, "val": 200, "test": 200}
+    name = "gshapes" if generalised else "shapes"
     out = Path(out)
-    image_dir = out / "images" / "shapes"
+    image_dir = out / "images" / name
     image_dir.mkdir(parents=True, exist_ok=True)
-    (out / "shapes").mkdir(parents=True, exist_ok=True)
+    (out / name).mkdir(parents=True, exist_ok=True)
     images, annotations, refs = [], [], []
     counts = {}
     total = sum(splits.values())
-    bar = tqdm(total=total, desc="shapes", disable=not progress, unit="img")
+    bar = tqdm(total=total, desc=name, disable=not progress, unit="img")
     for split_index, (split, n) in enumerate(splits.items()):
         rng = np.random.default_rng([seed, split_index])
         prng = random.Random(seed * 1000 + split_index)
-        c = counts.setdefault(split, {"images": 0, "refs": 0, "sentences": 0})
+        grng = random.Random(seed * 1000 + split_index + 500)  # generalised choices: the base stream is unchanged
+        c = counts.setdefault(split, {"images": 0, "refs": 0, "sentences": 0,
+                                      **({"no_target": 0, "multi_target": 0} if generalised else {})})
         while c["images"] < n:
             size = (int(rng.integers(112, 145)), int(rng.integers(104, 145)))
             objects = _place_objects(rng, size)
@@ -151,32 +203,52 @@ def generate(out: str | Path, seed: int = 0, splits: dict[str, int] | None = Non
             file_name = f"{split}_{image_id:06d}.png"
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(image_dir / file_name)
             images.append({"id": image_id, "file_name": file_name, "width": size[0], "height": size[1]})
-            for o, exprs in zip(objects, chosen):
+            ann_ids = []
+            for o in objects:
                 rle = mask_utils.encode(np.asfortranarray(o["visible"].astype(np.uint8)))
-                ann_id = len(annotations) + 1
+                ann_ids.append(len(annotations) + 1)
                 annotations.append({
-                    "id": ann_id, "image_id": image_id, "category_id": KINDS.index(o["kind"]) + 1,
+                    "id": ann_ids[-1], "image_id": image_id, "category_id": KINDS.index(o["kind"]) + 1,
                     "bbox": [float(v) for v in mask_utils.toBbox(rle)], "area": float(mask_utils.area(rle)),
                     "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}, "iscrowd": 0,
                     "shape": o["kind"], "color": o["color"], "size": o["size"],
                     "center": [round(o["cx"], 3), round(o["cy"], 3)],
                 })
-                if not exprs:
-                    continue
+            groups = [([i], exprs) for i, exprs in enumerate(chosen) if exprs]
+            if generalised:
+                multi, empty = _set_candidates(objects)
+                for found in grng.sample(sorted(multi), min(len(multi), grng.choice((1, 2)))):
+                    groups.append((list(found), grng.sample(multi[found], min(2, len(multi[found])))))
+                if empty:
+                    groups.append(([], grng.sample(empty, min(2, len(empty)))))
+            for members, exprs in groups:
                 ref_id = len(refs) + 1
                 sentences = [{"sent_id": ref_id * 10 + k, "sent": e.text(), "raw": e.text(), "tokens": e.text().split(),
-                              "type": e.type} for k, e in enumerate(exprs)]
-                refs.append({"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "split": split,
-                             "category_id": KINDS.index(o["kind"]) + 1, "file_name": file_name,
-                             "sentences": sentences, "sent_ids": [s["sent_id"] for s in sentences]})
+                              "type": getattr(e, "type", "set")} for k, e in enumerate(exprs)]
+                ref = {"ref_id": ref_id, "image_id": image_id, "split": split, "file_name": file_name,
+                       "sentences": sentences, "sent_ids": [s["sent_id"] for s in sentences]}
+                if generalised:
+                    ref["ann_id"] = [ann_ids[i] for i in members] or [-1]
+                    ref["category_id"] = [KINDS.index(objects[i]["kind"]) + 1 for i in members] or [-1]
+                    ref["no_target"] = not members
+                else:
+                    ref["ann_id"] = ann_ids[members[0]]
+                    ref["category_id"] = KINDS.index(objects[members[0]]["kind"]) + 1
+                refs.append(ref)
                 c["refs"] += 1
                 c["sentences"] += len(sentences)
+                if generalised and len(members) != 1:
+                    c["no_target" if not members else "multi_target"] += len(sentences)
             c["images"] += 1
             bar.update(1)
     bar.close()
-    categories = [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(KINDS)]
-    with open(out / "shapes" / "instances.json", "w") as f:
+    categories = [{"id": k + 1, "name": kind, "supercategory": "shape"} for k, kind in enumerate(KINDS)]
+    with open(out / name / "instances.json", "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
-    with open(out / "shapes" / "refs(unc).p", "wb") as f:
-        pickle.dump(refs, f, protocol=2)
+    if generalised:
+        with open(out / name / "grefs(unc).json", "w") as f:
+            json.dump(refs, f)
+    else:
+        with open(out / name / "refs(unc).p", "wb") as f:
+            pickle.dump(refs, f, protocol=2)
     return counts

@@ -61,7 +61,7 @@ def boxes_to_original(boxes: Tensor, scale: Tensor, pad: Tensor, orig_size: Tens
 
 
 MASK_THRESHOLD = 0.35  # sigmoid probability above which a pixel is in the mask (paper)
-_STRIP_PIXELS = 4_000_000  # output pixels interpolated at a time: bounds memory for 100 MP images
+_STRIP_PIXELS = 1_000_000  # output pixels interpolated at a time: bounds memory for 100 MP images
 
 
 def _bilinear_taps(n_in: int, n_out: int, device) -> tuple[Tensor, Tensor, Tensor]:
@@ -91,7 +91,8 @@ def mask_to_original(logits: Tensor, scale: Tensor, pad: Tensor, orig_size: Tens
     y0, y1, wy = _bilinear_taps(crop.shape[0], h, crop.device)
     mask = torch.empty(h, w, dtype=torch.bool, device=crop.device)
     prob_sum = torch.zeros((), dtype=torch.float64, device=crop.device)
-    step = max(1, _STRIP_PIXELS // max(w, 1))
+    n = torch.zeros((), dtype=torch.int64, device=crop.device)  # counted per strip: a sum over a 100 MP
+    step = max(1, _STRIP_PIXELS // max(w, 1))  # bool tensor would first make it int64 (800 MB)
     for r in range(0, h, step):
         ly = wy[r : r + step, None]
         strip = cols[y0[r : r + step]] * (1 - ly) + cols[y1[r : r + step]] * ly  # (rows, w) logits
@@ -99,7 +100,7 @@ def mask_to_original(logits: Tensor, scale: Tensor, pad: Tensor, orig_size: Tens
         keep = prob > threshold
         mask[r : r + step] = keep
         prob_sum += prob[keep].double().sum()
-    n = mask.sum()
+        n += keep.sum()
     score = (prob_sum / n).float() if n > 0 else prob_sum.new_zeros((), dtype=torch.float32)
     return mask, score
 
@@ -116,7 +117,9 @@ def to_original(outputs: dict[str, Tensor], scale: Tensor, pad: Tensor, orig_siz
     Returns:
         "boxes": (B, 4) xyxy in original pixels (box tasks); "masks": B boolean (h, w) masks at
         `MASK_THRESHOLD` and "mask_scores": (B,) the mean probability over each mask's pixels
-        (0 for an empty mask) (mask tasks).
+        (0 for an empty mask) (mask tasks); for generalised models "exists" (B,) the existence
+        probability, "box_sets" B (K_b, 4) xyxy boxes scoring at least `BOX_SCORE_THRESHOLD` and
+        "box_set_scores" their scores, boxes and mask emptied where "exists" < `EXIST_THRESHOLD`.
     """
     out: dict[str, list] = {}
     if "boxes" in outputs:
@@ -125,6 +128,22 @@ def to_original(outputs: dict[str, Tensor], scale: Tensor, pad: Tensor, orig_siz
         pairs = [mask_to_original(outputs["mask_logits"][i], scale[i], pad[i], orig_size[i])
                  for i in range(len(outputs["mask_logits"]))]
         out["masks"], out["mask_scores"] = [m for m, _ in pairs], torch.stack([s for _, s in pairs])
+    if "centre_logits" in outputs:  # generalised: 0..N boxes, gated by the existence score
+        from vglaw.models.generalised import BOX_SCORE_THRESHOLD, EXIST_THRESHOLD, decode_sets
+
+        out["box_sets"], out["box_set_scores"] = [], []
+        sets = decode_sets(outputs)
+        out["exists"] = torch.stack([s["exists"] for s in sets])
+        for i, s in enumerate(sets):
+            keep = (s["scores"] >= BOX_SCORE_THRESHOLD) & (s["exists"] >= EXIST_THRESHOLD)
+            n = int(keep.sum())
+            boxes = boxes_to_original(s["boxes"][keep], scale[i : i + 1].expand(n, 2), pad[i : i + 1].expand(n, 2),
+                                      orig_size[i : i + 1].expand(n, 2), img_size)
+            out["box_sets"].append(boxes)
+            out["box_set_scores"].append(s["scores"][keep])
+            if s["exists"] < EXIST_THRESHOLD and "masks" in out:
+                out["masks"][i] = torch.zeros_like(out["masks"][i])
+                out["mask_scores"][i] = 0.0
     return out
 
 
@@ -160,9 +179,10 @@ class GroundingTransform:
         self.flip_p, self.translate_p = flip_p, translate_p
         bbox = A.BboxParams(format="coco", label_fields=["labels"], clip=True)
         # INTER_NEAREST_EXACT samples pixel centres; plain INTER_NEAREST shifts masks by half a pixel.
+        # Boxes are scaled by hand below: albumentations' box bookkeeping cost more than the resize.
         self.resize = A.Compose([A.LongestMaxSize(max_size=img_size, mask_interpolation=cv2.INTER_NEAREST_EXACT),
                                  A.Normalize()],  # ImageNet mean and std
-                                bbox_params=bbox, additional_targets=CATEGORY_TARGET)
+                                additional_targets=CATEGORY_TARGET)
         # One pipeline per (crop allowed, flip drawn): each albumentations call costs ~1 ms of
         # bookkeeping, so a sample goes through one augmentation call, not one per transform.
         jitter = ([A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.0, p=color_jitter_p)]
@@ -180,7 +200,11 @@ class GroundingTransform:
         image, text = sample["image"], sample["text"]
         mask = sample.get("mask", np.zeros(image.shape[:2], dtype=np.uint8))  # inference has no target
         extra = {"categories": sample["categories"]} if "categories" in sample else {}
-        bboxes, labels = ([sample["bbox"].tolist()], [0]) if "bbox" in sample else ([], [])
+        if "bboxes" in sample:  # generalised: every box of the referred set (maybe none)
+            bboxes = [list(b) for b in np.asarray(sample["bboxes"], dtype=np.float32).reshape(-1, 4)]
+        else:
+            bboxes = [sample["bbox"].tolist()] if "bbox" in sample else []
+        labels = [0] * len(bboxes)
         h, w = image.shape[:2]
         translate = False
         if self.train:
@@ -198,7 +222,7 @@ class GroundingTransform:
             if flip:
                 text = flip_text(text)
         ch, cw = image.shape[:2]
-        r = self.resize(image=image, mask=mask, bboxes=bboxes, labels=labels, **extra)
+        r = self.resize(image=image, mask=mask, **extra)
         new_h, new_w = r["image"].shape[:2]
         S = self.img_size
         if translate:
@@ -215,8 +239,11 @@ class GroundingTransform:
             out[top : top + new_h, left : left + new_w] = m
             return out
 
-        x, y, bw, bh = np.asarray(r["bboxes"][0], dtype=np.float32) if bboxes else np.zeros(4, dtype=np.float32)
-        x, y = x + left, y + top
+        placed = np.asarray(bboxes, dtype=np.float32).reshape(-1, 4)  # COCO x, y, w, h of the (augmented) image
+        x0 = np.clip(placed[:, :2], 0, [cw, ch]) * [new_w / cw, new_h / ch]
+        x1 = np.clip(placed[:, :2] + placed[:, 2:], 0, [cw, ch]) * [new_w / cw, new_h / ch]
+        placed = np.concatenate([x0 + [left, top], x1 - x0], axis=1).astype(np.float32)  # in the S x S input
+        x, y, bw, bh = placed[0] if len(placed) else np.zeros(4, dtype=np.float32)
         out = {
             "image": torch.from_numpy(canvas.transpose(2, 0, 1).copy()),
             "mask": torch.from_numpy(place(r["mask"], np.float32)),
@@ -229,10 +256,19 @@ class GroundingTransform:
         }
         if extra:
             out["categories"] = torch.from_numpy(place(r["categories"], np.int64))
+        if "bboxes" in sample:
+            cxcywh = np.concatenate([placed[:, :2] + placed[:, 2:] / 2, placed[:, 2:]], axis=1) / S  # (N, 4)
+            out["boxes_set"] = torch.from_numpy(cxcywh.astype(np.float32))
+            out["has_target"] = bool(sample.get("has_target", len(placed) > 0))
         if self.keep_original:
             if (ch, cw) != (h, w):
                 raise ValueError("keep_original is for evaluation, where the image is not cropped")
-            x, y, bw, bh = sample["bbox"]
-            out["orig_box"] = torch.tensor([x, y, x + bw, y + bh], dtype=torch.float32)
+            if "bboxes" in sample:
+                b = torch.as_tensor(np.asarray(sample["bboxes"], dtype=np.float32).reshape(-1, 4))
+                out["orig_boxes_set"] = torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], dim=1)  # (N, 4) xyxy
+                out["orig_box"] = out["orig_boxes_set"][0] if len(b) else torch.zeros(4)
+            else:
+                x, y, bw, bh = sample["bbox"]
+                out["orig_box"] = torch.tensor([x, y, x + bw, y + bh], dtype=torch.float32)
             out["orig_mask"] = torch.from_numpy(sample["mask"])
         return out

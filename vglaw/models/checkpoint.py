@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from vglaw.errors import MissingFileError, UsageError
 from vglaw.models.geometry import fit_rel_pos, resize_abs_pos
-from vglaw.safe_pickle import plain_load
+from vglaw.safe_pickle import load_torch_file, plain_load
 
 StateDict = dict[str, Tensor]
 
@@ -52,7 +52,7 @@ def read_checkpoint(path: str | Path) -> StateDict:
 
         raw = load_file(str(path))
     elif path.suffix in (".pth", ".pt", ".bin"):
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = load_torch_file(path, "weight file")
         for wrapper in ("model", "state_dict"):
             if isinstance(raw, dict) and isinstance(raw.get(wrapper), dict):
                 raw = raw[wrapper]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from vglaw.errors import UsageError
+from vglaw.models.generalised import GeneralisedScratchVGLAW, GeneralisedVGLAW
 from vglaw.models.scratch import ScratchVGLAW
 from vglaw.models.vglaw import VGLAW
 
@@ -26,11 +27,21 @@ VARIANTS: dict[str, tuple[type[VGLAW], dict[str, Any]]] = {
     # Trained from scratch (the shapes demo): see `vglaw.models.scratch`.
     "vglaw_small_scratch": (ScratchVGLAW, {**_SMALL, **_SCRATCH}),
     "vglaw_tiny_scratch": (ScratchVGLAW, {**_TINY, **_SCRATCH, "stem_depth": 1}),
+    # Generalised grounding, 0..N referred objects: see `vglaw.models.generalised`.
+    "vglaw_vitb_gref": (GeneralisedVGLAW, _VITB),
+    "vglaw_small_scratch_gref": (GeneralisedScratchVGLAW, {**_SMALL, **_SCRATCH}),
+    "vglaw_tiny_scratch_gref": (GeneralisedScratchVGLAW, {**_TINY, **_SCRATCH, "stem_depth": 1, "centre_dim": 32}),
 }
 
 
 # config.json's "model_class" -> class
-MODEL_CLASSES: dict[str, type[VGLAW]] = {c.__name__: c for c in (VGLAW, ScratchVGLAW)}
+MODEL_CLASSES: dict[str, type[VGLAW]] = {
+    c.__name__: c for c in (VGLAW, ScratchVGLAW, GeneralisedVGLAW, GeneralisedScratchVGLAW)}
+
+
+def is_generalised(name: str) -> bool:
+    """A variant that grounds 0..N objects (gRefCOCO)."""
+    return name in VARIANTS and issubclass(VARIANTS[name][0], (GeneralisedVGLAW, GeneralisedScratchVGLAW))
 
 
 def list_models() -> list[str]:
@@ -50,7 +61,8 @@ def variant_args(name: str, **overrides: Any) -> tuple[type[VGLAW], dict[str, An
     args = {**args, **overrides}
     import inspect
 
-    accepted = set(inspect.signature(VGLAW.__init__).parameters) | set(inspect.signature(cls.__init__).parameters)
+    accepted = {p for c in cls.__mro__ if "__init__" in vars(c) and c.__module__.startswith("vglaw.")
+                for p in inspect.signature(c.__init__).parameters}
     unknown = sorted(set(args) - accepted)
     if unknown:
         raise UsageError(f"model {name!r} ({cls.__name__}) takes no argument {', '.join(unknown)}")

@@ -110,10 +110,10 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
     return rel_pos[relative.long()]
 
 
-def decomposed_rel_pos_bias(
+def decomposed_rel_pos_terms(
     q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, q_hw: tuple[int, int], k_hw: tuple[int, int]
-) -> Tensor:
-    """Additive attention bias of decomposed relative positions (MViTv2 / ViTDet).
+) -> tuple[Tensor, Tensor]:
+    """The two factors of the decomposed relative position bias (MViTv2 / ViTDet).
 
     Args:
         q: unscaled queries, (B, nh, q_h * q_w, head_dim).
@@ -121,7 +121,8 @@ def decomposed_rel_pos_bias(
         q_hw, k_hw: query and key grid sizes.
 
     Returns:
-        bias of shape (B, nh, q_h * q_w, k_h * k_w), to be added to q·kᵀ·scale before softmax.
+        rel_h (B, nh, q_h * q_w, k_h) and rel_w (B, nh, q_h * q_w, k_w): the bias of query i and
+        key (y, x) is rel_h[..., i, y] + rel_w[..., i, x].
     """
     q_h, q_w = q_hw
     k_h, k_w = k_hw
@@ -131,8 +132,23 @@ def decomposed_rel_pos_bias(
     r_q = q.reshape(B, nh, q_h, q_w, hd)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh.to(q.dtype))  # (B, nh, q_h, q_w, k_h)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw.to(q.dtype))  # (B, nh, q_h, q_w, k_w)
-    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, nh, q_h, q_w, k_h, k_w)
-    return bias.reshape(B, nh, q_h * q_w, k_h * k_w)
+    return rel_h.reshape(B, nh, q_h * q_w, k_h), rel_w.reshape(B, nh, q_h * q_w, k_w)
+
+
+def decomposed_rel_pos_bias(
+    q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, q_hw: tuple[int, int], k_hw: tuple[int, int]
+) -> Tensor:
+    """Additive attention bias of decomposed relative positions (MViTv2 / ViTDet).
+
+    Args as `decomposed_rel_pos_terms`.
+
+    Returns:
+        bias of shape (B, nh, q_h * q_w, k_h * k_w), to be added to q·kᵀ·scale before softmax.
+    """
+    rel_h, rel_w = decomposed_rel_pos_terms(q, rel_pos_h, rel_pos_w, q_hw, k_hw)
+    B, nh, N, k_h = rel_h.shape
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, nh, N, k_h, k_w)
+    return bias.reshape(B, nh, N, k_h * rel_w.shape[-1])
 
 
 def sincos_pos_embed(grid: tuple[int, int], dim: int) -> Tensor:

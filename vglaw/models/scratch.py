@@ -64,10 +64,13 @@ class ConvStem(nn.Module):
         self.convs = nn.Sequential(conv(in_chans, embed_dim // 8, 2), conv(embed_dim // 8, self.out_dim, 2),
                                    *(conv(self.out_dim, self.out_dim, 1) for _ in range(depth)))
         self.proj = nn.Conv2d(self.out_dim, embed_dim, kernel_size=patch_size // 4, stride=patch_size // 4)
+        # CPU convolutions (oneDNN) run faster channels-last (~20% of this stem's cost), and the
+        # patch tokens then come out channels-last without a copy.
+        self.to(memory_format=torch.channels_last)
 
     def stride4(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) -> the stride-4 map (B, C/4, H/4, W/4)."""
-        return self.convs(x)
+        """(B, 3, H, W) -> the stride-4 map (B, C/4, H/4, W/4), channels-last in memory."""
+        return self.convs(x.contiguous(memory_format=torch.channels_last))
 
     def embed(self, s4: Tensor) -> Tensor:
         """The stride-4 map -> patch tokens (B, H/p, W/p, C)."""
@@ -158,7 +161,7 @@ class ScratchMaskHead(nn.Module):
             so mask edges can follow the image inside a patch; 0 for none.
         seg_classes: also classify every stride-4 pixel into this many categories (background
             included) for an auxiliary loss that teaches the backbone what the objects are; 0
-            for none.
+            for none. The category logits stay at stride 4 (the loss samples its targets there).
     """
 
     def __init__(self, visual_dim: int, text_dim: int, hidden_dim: int = 256, skip_dim: int = 0,
@@ -174,7 +177,7 @@ class ScratchMaskHead(nn.Module):
     def forward(self, features: Tensor, text: Tensor, out_size: tuple[int, int],
                 skip: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(B, H, W, C) features, (B, d_l) text [, (B, skip_dim, 4H, 4W) map] -> mask logits
-        (B, 1, *out_size) and, with `seg_classes`, category logits (B, seg_classes, *out_size).
+        (B, 1, *out_size) and, with `seg_classes`, category logits (B, seg_classes, 4H, 4W).
 
         The stride-4 features x = up2(y) [+ skip(map)] are read through O = 1 + seg_classes
         vectors, folded into up2's and skip's weights per sample (`conv_transpose_2x2_readout`).
@@ -195,9 +198,8 @@ class ScratchMaskHead(nn.Module):
         if self.seg is not None:
             bias = bias + torch.cat([self.seg.bias.new_zeros(1), self.seg.bias])
         out = out + bias[:, :, None, None]
-        # Split before upsampling: a slice's backward fills a zero tensor of its source's size.
-        up = lambda t: F.interpolate(t, size=out_size, mode="bilinear", align_corners=False)  # (B, ·, *out_size)
-        return up(out[:, :1]), (up(out[:, 1:]) if self.seg is not None else None)
+        mask = F.interpolate(out[:, :1], size=out_size, mode="bilinear", align_corners=False)  # (B, 1, *out_size)
+        return mask, (out[:, 1:] if self.seg is not None else None)
 
 
 class ScratchVGLAW(VGLAW):
@@ -252,12 +254,15 @@ class ScratchVGLAW(VGLAW):
         stem = self.backbone.patch_embed
         s4 = stem.stride4(images)  # (B, C/4, H/4, W/4)
         features = self.backbone.forward_blocks(stem.embed(s4), qkv)  # (B, h, w, C)
+        return self.forward_heads(features, sentence, images.shape[-2:], skip=s4 if self.mask_skip else None)
+
+    def forward_heads(self, features: Tensor, sentence: Tensor, out_size: tuple[int, int],
+                      skip: Tensor | None = None) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if self.box_head is not None:
             out["boxes"], out["lap_attention"] = self.box_head(features, sentence)
         if self.mask_head is not None:
-            out["mask_logits"], seg = self.mask_head(features, sentence, images.shape[-2:],
-                                                      s4 if self.mask_skip else None)
+            out["mask_logits"], seg = self.mask_head(features, sentence, out_size, skip)
             if seg is not None:
                 out["seg_logits"] = seg
         return out

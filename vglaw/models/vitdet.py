@@ -86,6 +86,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.window_size = window_size
+        self.kernel = "sdpa"  # set by ViTDet.set_attention_kernel; the same arithmetic either way
         self.qkv = AdaptiveLinear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.use_rel_pos = use_rel_pos
@@ -112,10 +113,15 @@ class Attention(nn.Module):
         Bw, h, w, _ = qkv.shape
         qkv = qkv.reshape(Bw, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, Bw, nh, N, hd)
         q, k, v = qkv.unbind(0)
-        bias = None
-        if self.use_rel_pos:
-            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))  # (Bw, nh, N, N)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (Bw, nh, N, hd)
+        if self.kernel == "flex" and self.use_rel_pos:
+            from vglaw.models.flex import flex_rel_pos_attention
+
+            out = flex_rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w))  # (Bw, nh, N, hd)
+        else:
+            bias = None
+            if self.use_rel_pos:
+                bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))  # (Bw, nh, N, N)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (Bw, nh, N, hd)
         out = out.transpose(1, 2).reshape(Bw, h, w, C)  # (Bw, h, w, C)
         if self.window_size:
             out = window_unpartition(out, self.window_size, pad_hw, (H, W))  # (B, H, W, C)
@@ -243,6 +249,16 @@ class ViTDet(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block during backward instead of storing its activations."""
         self.grad_checkpointing = enable
+
+    def set_attention_kernel(self, kernel: str = "sdpa") -> None:
+        """How attention with the relative-position bias runs: "sdpa" (the bias as an additive
+        mask to `scaled_dot_product_attention`) or "flex" (`torch.nn.attention.flex_attention`
+        adding the two bias terms in a `score_mod`, which lets a fused kernel run on GPUs; see
+        `vglaw.models.flex`). Both compute the same attention."""
+        if kernel not in ("sdpa", "flex"):
+            raise UsageError(f"attention kernel must be 'sdpa' or 'flex', got {kernel!r}")
+        for block in self.blocks:
+            block.attn.kernel = kernel
 
     def forward(self, images: Tensor, qkv_low_rank: Sequence[LowRank] | None = None) -> Tensor:
         """Encode images: (B, 3, H, W), H and W multiples of the patch size -> (B, H/p, W/p, C).

@@ -1,5 +1,5 @@
-"""Lightning callbacks vglaw always installs: exact resume, a `last.ckpt` of every epoch, and a
-model folder at the end of fit."""
+"""Lightning callbacks and plugins vglaw always installs: exact resume, a `last.ckpt` of every
+epoch, atomic checkpoint files, and a model folder at the end of fit."""
 from __future__ import annotations
 
 import random
@@ -9,6 +9,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
 class RNGState(pl.Callback):
@@ -97,3 +98,17 @@ class ExportModel(pl.Callback):
         out = Path(trainer.log_dir or trainer.default_root_dir) / "model"
         export_checkpoint(ckpt, out)
         print(f"model folder written to {out} (from {Path(ckpt).name})")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but a checkpoint is written to a temporary name beside its
+    destination and renamed into place: a full disk, a crash or a second writer never leave a
+    truncated `last.ckpt` that looks valid. Remote paths (s3://, ...) go to Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        from vglaw.atomic import atomic_write
+
+        with atomic_write(path) as f:
+            torch.save(checkpoint, f)

@@ -54,15 +54,19 @@ def lap_attention_loss(attention: Tensor, masks: Tensor) -> Tensor:
 
 
 def category_loss(logits: Tensor, categories: Tensor, ignore_index: int = 255) -> Tensor:
-    """Per-pixel cross-entropy of (B, K, H, W) category logits against (B, H, W) category maps.
+    """Per-pixel cross-entropy of (B, K, h, w) category logits against (B, H, W) category maps,
+    the maps sampled at the logits' resolution (each cell's centre pixel) when they are larger.
 
     Not in the paper: the grounding losses only say which object the expression means, so a
     backbone trained from scratch learns what each object is slowly; naming every object of
     the image (instances.json has them all) teaches it directly.
 
     Raises:
-        ValueError: a category outside the K classes (the model's `seg_classes` is too small).
+        UsageError: a category outside the K classes (the model's `seg_classes` is too small).
     """
+    if categories.shape[-2:] != logits.shape[-2:]:
+        categories = F.interpolate(categories[:, None].float(), size=logits.shape[-2:],
+                                   mode="nearest-exact")[:, 0].long()  # (B, h, w)
     outside = (categories >= logits.shape[1]) & (categories != ignore_index)
     if outside.any():
         raise UsageError(f"category map holds class {int(categories[outside].max())} but the model classifies "
@@ -70,17 +74,83 @@ def category_loss(logits: Tensor, categories: Tensor, ignore_index: int = 255) -
     return F.cross_entropy(logits.float(), categories, ignore_index=ignore_index)
 
 
-def grounding_loss(outputs: dict[str, Tensor], boxes: Tensor, masks: Tensor,
-                   weights: dict[str, float], categories: Tensor | None = None) -> dict[str, Tensor]:
+def centre_targets(boxes_set: list[Tensor], size: tuple[int, int]) -> tuple[Tensor, list[Tensor]]:
+    """CenterNet targets on an (H2, W2) grid: a Gaussian per referred object (σ = its size / 6
+    per axis, at least half a cell) peaking at exactly 1 in the cell holding its centre, the max
+    where they overlap; and each sample's centre cells (N_b, 2) as (row, col).
+
+    Args:
+        boxes_set: per sample, (N_b, 4) normalised cxcywh boxes (N_b may be 0).
+    """
+    H2, W2 = size
+    device = boxes_set[0].device if boxes_set else "cpu"
+    heat = torch.zeros(len(boxes_set), H2, W2, device=device)
+    ys = torch.arange(H2, device=device, dtype=torch.float32)[:, None]
+    xs = torch.arange(W2, device=device, dtype=torch.float32)[None, :]
+    cells = []
+    for b, boxes in enumerate(boxes_set):
+        boxes = boxes.float().to(device)
+        row = (boxes[:, 1] * H2).long().clamp(0, H2 - 1)
+        col = (boxes[:, 0] * W2).long().clamp(0, W2 - 1)
+        cells.append(torch.stack([row, col], dim=1))
+        for (_, _, w, h), r, c in zip(boxes.tolist(), row.tolist(), col.tolist()):
+            sx, sy = max(0.5, w * W2 / 6), max(0.5, h * H2 / 6)
+            g = torch.exp(-((xs - c) ** 2) / (2 * sx**2) - ((ys - r) ** 2) / (2 * sy**2))  # (H2, W2), 1 at (r, c)
+            heat[b] = torch.maximum(heat[b], g)
+    return heat, cells
+
+
+def centre_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """CenterNet's penalty-reduced focal loss (α = 2, β = 4), summed and divided by the number of
+    centres (at least 1); (B, H2, W2) logits and Gaussian targets."""
+    logits = logits.float()
+    pos = target == 1
+    pos_loss = F.logsigmoid(logits) * (1 - logits.sigmoid()) ** 2 * pos
+    neg_loss = F.logsigmoid(-logits) * logits.sigmoid() ** 2 * (1 - target) ** 4 * ~pos
+    return -(pos_loss.sum() + neg_loss.sum()) / pos.sum().clamp(min=1)
+
+
+def set_losses(outputs: dict[str, Tensor], boxes_set: list[Tensor], has_target: Tensor) -> dict[str, Tensor]:
+    """Generalised grounding: the centre map ("centre"), L1 (summed over coordinates) and GIoU of
+    the box decoded at each referred object's centre cell, averaged over objects ("l1", "giou"),
+    and the existence cross-entropy ("exist")."""
+    from vglaw.models.generalised import decode_boxes
+
+    centre = outputs["centre_logits"]
+    heat, cells = centre_targets(boxes_set, tuple(centre.shape[-2:]))
+    decoded = decode_boxes(outputs["box_params"].float())  # (B, H2, W2, 4)
+    pred = torch.cat([decoded[b, c[:, 0], c[:, 1]] for b, c in enumerate(cells)])  # (N, 4)
+    target = torch.cat([t.float().to(pred.device) for t in boxes_set]) if boxes_set else pred.new_zeros(0, 4)
+    terms = {"centre": centre_focal_loss(centre, heat.to(centre.device)),
+             "exist": F.binary_cross_entropy_with_logits(outputs["exist_logits"].float(),
+                                                         has_target.float().to(centre.device))}
+    if len(target):
+        terms["l1"] = (pred - target).abs().sum(1).mean()
+        terms["giou"] = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"),
+                                                 box_convert(target, "cxcywh", "xyxy"), reduction="mean")
+    else:  # a batch that names nothing: no box to fit, but keep the graph for DDP
+        terms["l1"] = terms["giou"] = decoded.sum() * 0.0
+    return terms
+
+
+def grounding_loss(outputs: dict[str, Tensor], boxes: Tensor, masks: Tensor, weights: dict[str, float],
+                   categories: Tensor | None = None, boxes_set: list[Tensor] | None = None,
+                   has_target: Tensor | None = None) -> dict[str, Tensor]:
     """Weighted total ("loss") and every unweighted term the model's outputs allow.
 
     The attention term ("lap") is added when the outputs hold "lap_attention" and `weights` has
     "lap"; the category term ("seg") when they hold "seg_logits", `weights` has "seg" and
-    `categories` (B, H, W) is given.
+    `categories` (B, H, W) is given; the generalised terms (`set_losses`) when they hold
+    "centre_logits" (then `boxes_set` and `has_target` are needed).
     """
     terms: dict[str, Tensor] = {}
     if "boxes" in outputs:
         terms.update(box_losses(outputs["boxes"].float(), boxes.float()))
+    if "centre_logits" in outputs:
+        if boxes_set is None or has_target is None:
+            raise UsageError("a generalised model needs generalised data (dataset grefcoco or gshapes): the batch "
+                             "has no box sets")
+        terms.update(set_losses(outputs, boxes_set, has_target))
     if "mask_logits" in outputs:
         terms.update(mask_losses(outputs["mask_logits"], masks))
     if "lap_attention" in outputs and "lap" in weights:

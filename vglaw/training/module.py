@@ -15,6 +15,7 @@ from vglaw.data.transforms import to_original
 from vglaw.errors import UsageError
 from vglaw.models import create_model
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER
+from vglaw.training.gmetrics import GeneralisedMetrics
 from vglaw.training.losses import grounding_loss
 from vglaw.training.metrics import GroundingMetrics, box_iou_pairwise
 
@@ -37,6 +38,8 @@ class VGLAWModule(pl.LightningModule):
         weight_l1, weight_giou, weight_focal, weight_dice: loss weights (paper: 1, 1, 4, 4).
         weight_lap: weight of the box head's attention supervision (`lap_attention_loss`;
             paper: 0, none). Needs the mask targets, so not with task "mask".
+        weight_centre, weight_exist: weights of a generalised model's centre-map and existence
+            losses (`set_losses`); its boxes use weight_l1 and weight_giou.
         weight_seg: weight of the per-pixel category loss (`category_loss`; paper: 0, none).
             Needs a from-scratch variant with `seg_classes` (the CLI links both, and the data
             module's `categories`, from this weight).
@@ -66,6 +69,8 @@ class VGLAWModule(pl.LightningModule):
         weight_dice: float = 4.0,
         weight_lap: float = 0.0,
         weight_seg: float = 0.0,
+        weight_centre: float = 1.0,
+        weight_exist: float = 1.0,
         lr_visual: float = 4e-5,
         lr_text: float = 4e-5,
         lr_other: float = 4e-4,
@@ -89,7 +94,8 @@ class VGLAWModule(pl.LightningModule):
             raise UsageError(f"weight_lap must be >= 0, got {weight_lap}")
         if weight_lap > 0 and task == "mask":
             raise UsageError("weight_lap supervises the box head, which task 'mask' does not have")
-        self.loss_weights = {"l1": weight_l1, "giou": weight_giou, "focal": weight_focal, "dice": weight_dice}
+        self.loss_weights = {"l1": weight_l1, "giou": weight_giou, "focal": weight_focal, "dice": weight_dice,
+                             "centre": weight_centre, "exist": weight_exist}
         if weight_lap > 0:
             self.loss_weights["lap"] = weight_lap
         if weight_seg < 0:
@@ -108,7 +114,8 @@ class VGLAWModule(pl.LightningModule):
     def _losses(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
         if "seg" in self.loss_weights and "categories" not in batch:
             raise UsageError("weight_seg > 0 but the batch has no 'categories' maps: set data.categories: true")
-        return grounding_loss(outputs, batch["boxes"], batch["masks"], self.loss_weights, batch.get("categories"))
+        return grounding_loss(outputs, batch["boxes"], batch["masks"], self.loss_weights, batch.get("categories"),
+                              batch.get("boxes_set"), batch.get("has_target"))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         # The attention supervision needs the box head's pooling map.
@@ -133,17 +140,27 @@ class VGLAWModule(pl.LightningModule):
 
     def _reset_metrics(self, stage: str) -> None:
         self._stage_splits = self._splits(stage)
-        self.metrics = nn.ModuleDict({s: GroundingMetrics() for s in self._stage_splits}).to(self.device)
+        metric = GeneralisedMetrics if self.generalised else GroundingMetrics
+        self.metrics = nn.ModuleDict({s: metric() for s in self._stage_splits}).to(self.device)
+
+    @property
+    def generalised(self) -> bool:
+        """The model grounds 0..N objects (gRefCOCO metrics and losses)."""
+        return hasattr(self.model, "centre_head")
 
     @property
     def monitor(self) -> str:
-        """The validation metric that picks checkpoints: Prec@0.5 with a box head, else mIoU."""
-        return "prec@0.5" if self.hparams.task in ("both", "box") else "miou"
+        """The validation metric that picks checkpoints: gIoU for a generalised model, Prec@0.5
+        with a box head, else mIoU."""
+        return "giou" if self.generalised else "prec@0.5" if self.hparams.task in ("both", "box") else "miou"
 
     @torch.no_grad()
     def measure(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
-        """Per-sentence box IoU and mask intersection / union, in original-image pixels."""
+        """Per-sentence box IoU and mask intersection / union, in original-image pixels (for a
+        generalised model, the `GeneralisedMetrics` values)."""
         pred = to_original(outputs, batch["scale"], batch["pad"], batch["orig_size"], self.img_size)
+        if "box_sets" in pred:
+            return self._measure_sets(pred, batch)
         out: dict[str, Tensor] = {}
         if "boxes" in pred:
             out["box_iou"] = box_iou_pairwise(pred["boxes"], batch["orig_boxes"].to(pred["boxes"]))
@@ -152,6 +169,22 @@ class VGLAWModule(pl.LightningModule):
             out["inter"] = torch.stack([(m & gt).sum() for m, gt in zip(pred["masks"], gts)])
             out["union"] = torch.stack([(m | gt).sum() for m, gt in zip(pred["masks"], gts)])
         return out
+
+    def _measure_sets(self, pred: dict, batch: dict) -> dict[str, Tensor]:
+        from vglaw.training.gmetrics import grec_correct
+
+        gts = [gt.to(m.device).bool() for m, gt in zip(pred["masks"], batch["orig_masks"])]
+        targets = [t.to(b.device) for b, t in zip(pred["box_sets"], batch["orig_boxes_set"])]
+        flags = lambda values: torch.tensor(values, dtype=torch.bool)  # noqa: E731
+        return {
+            "has_target": batch["has_target"],
+            "pred_empty": flags([not m.any() for m in pred["masks"]]),
+            "inter": torch.stack([(m & g).sum() for m, g in zip(pred["masks"], gts)]),
+            "union": torch.stack([(m | g).sum() for m, g in zip(pred["masks"], gts)]),
+            "grec": flags([grec_correct(b, t) for b, t in zip(pred["box_sets"], targets)]),
+            "grec_iou": flags([grec_correct(b, t, giou=False) for b, t in zip(pred["box_sets"], targets)]),
+            "boxes_empty": flags([len(b) == 0 for b in pred["box_sets"]]),
+        }
 
     def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
         outputs = self(batch)

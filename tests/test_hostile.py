@@ -1,0 +1,367 @@
+"""Hostile and careless input: no code runs from a file, nothing half-written, one clear line
+(exit code 2) for every user mistake, and large inputs within bounds."""
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.fixtures import write_refcoco
+from vglaw.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def one_error_line(capsys, command, *needles):
+    """The command's stderr holds error lines naming `needles` and no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"vglaw {command}: error:")]
+    assert lines, err
+    for needle in needles:
+        assert any(needle in ln for ln in lines), (needle, err)
+    return lines
+
+
+# ---- code execution from files -----------------------------------------------------------
+
+def test_no_command_runs_code_from_a_checkpoint(tiny_ckpt, shapes_root, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    state = torch.load(tiny_ckpt, weights_only=True)
+    state["hyper_parameters"]["extra"] = _Payload(marker)
+    evil = tmp_path / "evil.ckpt"
+    torch.save(state, evil)
+    image = next((shapes_root / "images" / "shapes").glob("test_*.png"))
+    assert main(["predict", "--image", str(image), "--text", "x", "--model", str(evil),
+                 "--out", str(tmp_path / "o.png")]) == 2
+    one_error_line(capsys, "predict", "evil.ckpt", "refusing")
+    assert main(["export", str(evil), "--out", str(tmp_path / "m")]) == 2
+    one_error_line(capsys, "export", "refusing")
+    assert main(["validate", "--config", str(REPO / "configs" / "shapes.yaml"), f"--data.data_root={shapes_root}",
+                 "--model.variant=vglaw_tiny", "--model.model_args=null", "--model.weight_seg=0",
+                 "--data.img_size=64", f"--ckpt_path={evil}"]) == 2
+    one_error_line(capsys, "validate", "refusing")
+    weights = tmp_path / "w.pth"
+    torch.save({"blocks.0.attn.qkv.weight": _Payload(marker)}, weights)
+    from vglaw.errors import UserError
+    from vglaw.models.checkpoint import load_visual_weights
+    from vglaw.models.vitdet import ViTDet
+
+    with pytest.raises(UserError, match="refusing"):
+        load_visual_weights(ViTDet(img_size=64, embed_dim=32, depth=1, num_heads=2), weights, log=None)
+    assert not marker.exists()
+
+
+# ---- nothing half-written ----------------------------------------------------------------
+
+def test_failed_write_leaves_the_old_file_and_no_debris(tmp_path, monkeypatch):
+    from vglaw import atomic
+
+    target = tmp_path / "metrics.json"
+    target.write_text('{"old": true}')
+
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic.write_text(target, '{"new": ' + "1" * 10000 + "}")
+    monkeypatch.setattr(atomic.os, "fsync", real_fsync)
+    assert target.read_text() == '{"old": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_concurrent_writers_never_interleave(tmp_path):
+    from vglaw.atomic import save_image
+
+    target = tmp_path / "overlay.png"
+    pictures = [Image.fromarray(np.full((300, 300, 3), v, dtype=np.uint8)) for v in (30, 220)]
+    errors = []
+
+    def writer(k):
+        try:
+            for _ in range(15):
+                save_image(pictures[k], target)
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    value = np.asarray(Image.open(target))
+    assert (value == 30).all() or (value == 220).all()  # one whole picture, never a mix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overlay.png"]
+
+
+def test_lightning_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    """A checkpoint write that fails half-way leaves the previous checkpoint intact."""
+    from vglaw.training.callbacks import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_out_equal_to_the_input_is_refused_and_same_names_do_not_collide(tiny_ckpt, shapes_root, tmp_path,
+                                                                         capsys, monkeypatch):
+    image = next((shapes_root / "images" / "shapes").glob("test_*.png"))
+    copy = tmp_path / "photo.png"
+    copy.write_bytes(image.read_bytes())
+    before = copy.read_bytes()
+    assert main(["predict", "--image", str(copy), "--text", "x", "--model", str(tiny_ckpt), "--out", str(copy)]) == 2
+    one_error_line(capsys, "predict", "is the input image")
+    assert copy.read_bytes() == before
+    monkeypatch.chdir(tmp_path)
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "photo.png").write_bytes(before)
+        assert main(["predict", "--image", str(tmp_path / sub / "photo.png"), "--text", "x",
+                     "--model", str(tiny_ckpt)]) == 0
+    outputs = sorted((tmp_path / "outputs" / "predict").glob("photo-*.png"))
+    assert len(outputs) == 2
+
+
+# ---- wrong answers without a word -------------------------------------------------------
+
+@pytest.mark.parametrize("mode,values,expected", [
+    ("F", [0.0, 0.5, 1.0], [0, 128, 255]),  # float in [0, 1]
+    ("F", [0.0, 100.0, 255.0], [0, 100, 255]),  # float in [0, 255]
+    ("I", [0, 32768, 65535], [0, 128, 255]),  # 32-bit holding 16-bit values
+    ("I", [0, 100, 255], [0, 100, 255]),  # 32-bit holding 8-bit values
+])
+def test_float_and_32bit_tiffs_keep_their_brightness(tmp_path, mode, values, expected):
+    from vglaw.data.refer import load_rgb
+
+    arr = np.array([values * 4], dtype=np.float32 if mode == "F" else np.int32)
+    path = tmp_path / "x.tif"
+    Image.fromarray(arr, mode=mode).save(path)
+    got = load_rgb(path)
+    assert got.dtype == np.uint8 and got.shape == (1, 12, 3)
+    np.testing.assert_array_equal(got[0, :3, 0], expected)
+
+
+@pytest.mark.parametrize("mode,values", [("F", [-1.0, 0.5, 3000.0]), ("F", [0.0, float("nan"), 1.0]),
+                                         ("I", [0, 70000, 1])])
+def test_ambiguous_tiffs_are_refused(tmp_path, mode, values):
+    from vglaw.data.refer import BadSampleError, load_rgb
+
+    path = tmp_path / "x.tif"
+    Image.fromarray(np.array([values], dtype=np.float32 if mode == "F" else np.int32), mode=mode).save(path)
+    with pytest.raises(BadSampleError, match="x.tif"):
+        load_rgb(path)
+
+
+def test_rle_of_the_wrong_size_is_named_or_counted(tmp_path, capsys):
+    root = tmp_path
+    write_refcoco(root)
+    inst_path = root / "refcoco" / "instances.json"
+    inst = json.loads(inst_path.read_text())
+    ann = inst["annotations"][1]  # a compressed RLE
+    ann["segmentation"]["size"] = [ann["segmentation"]["size"][0] + 3, ann["segmentation"]["size"][1]]
+    inst["annotations"][2]["segmentation"] = [[1, 2, 3, 4]]  # a polygon of two points
+    inst_path.write_text(json.dumps(inst))
+    assert main(["data", "check", "--root", str(root), "--dataset", "refcoco"]) == 2
+    err = capsys.readouterr().err
+    assert "annotation 1001 (ref 1)" in err and "RLE mask is" in err
+    assert "annotation 1002 (ref 2)" in err and "polygon has 4 numbers" in err
+    assert "2 bad samples" in err and "Traceback" not in err
+    from vglaw.data.refer import BadSampleError, ReferDataset
+
+    with pytest.raises(BadSampleError, match="annotation 1001"):
+        ReferDataset(root, "refcoco", "train")
+    with pytest.warns(UserWarning, match="skipped 1 bad samples"):
+        ds = ReferDataset(root, "refcoco", "train", skip_invalid=True)
+    assert ds.skipped == 1 and all(ds.load(i)["mask"].any() for i in range(len(ds)))
+
+
+def test_invisible_expressions_are_refused_and_long_ones_truncated_with_a_warning(tiny_ckpt, shapes_root):
+    from vglaw.data.text import clean_text
+    from vglaw.errors import UsageError
+    from vglaw.inference import Grounder
+
+    assert clean_text("the\u200b red\u0007 circle\n\tnow") == "the red circle now"
+    g = Grounder(tiny_ckpt)
+    image = next((shapes_root / "images" / "shapes").glob("test_*.png"))
+    for text in ("\u200b\u200d\ufeff", "\x00\x01\x1b", "\n\r\t  "):
+        with pytest.raises(UsageError, match="is empty"):
+            g.predict(image, [text])
+    with pytest.raises(UsageError, match="no word the text encoder knows"):
+        g.predict(image, ["\U0001f600\U0001f601"])
+    long = " ".join(["red"] * 60)
+    with pytest.warns(UserWarning, match=r"has 62 tokens; truncated to 40"):
+        r = g.predict(image, [long])[0]
+    assert "box" in r
+
+
+# ---- one clear line, exit code 2 --------------------------------------------------------
+
+def test_train_on_a_fresh_machine_says_what_to_provide(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # a fresh clone has data/ (with its README) and nothing in it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert main(["fit", "--config", str(REPO / "configs" / "refcoco.yaml")]) == 2
+    lines = one_error_line(capsys, "fit", "dataset: data/refcoco/refs(unc).p is missing", "data/README.md",
+                           "visual weights: data/weights/model_final_61ccd1.pkl is missing",
+                           "text encoder: text encoder 'bert-base-uncased'", "minilm")
+    assert len(lines) == 5  # refs, instances, images, weights, text encoder: one line each
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--data.batch_size=0", "data.batch_size must be >= 1"),
+    ("--data.img_size=70", "data.img_size 70 is not a positive multiple of the patch size 16"),
+    ("--data.data_root=/nonexistent/data", "data.data_root /nonexistent/data does not exist"),
+])
+def test_fit_settings_are_checked_before_anything_runs(shapes_root, tmp_path, capsys, override, needle):
+    args = ["fit", "--config", str(REPO / "configs" / "shapes.yaml"), f"--data.data_root={shapes_root}",
+            "--model.variant=vglaw_tiny_scratch", "--data.img_size=64", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false", "--trainer.max_steps=1", override]
+    assert main(args) == 2
+    one_error_line(capsys, "fit", needle)
+
+
+def test_unwritable_checkpoint_folder_is_found_at_start(shapes_root, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        assert main(["fit", "--config", str(REPO / "configs" / "shapes.yaml"), f"--data.data_root={shapes_root}",
+                     "--model.variant=vglaw_tiny_scratch", "--data.img_size=64",
+                     f"--trainer.default_root_dir={locked / 'run'}", "--trainer.logger=false"]) == 2
+        one_error_line(capsys, "fit", "is not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_bad_checkpoints_are_one_line_each(tiny_ckpt, shapes_root, tmp_path, capsys):
+    image = next((shapes_root / "images" / "shapes").glob("test_*.png"))
+    state = torch.load(tiny_ckpt, weights_only=True)
+    cases = {"text.ckpt": b"this is a text file\n", "empty.ckpt": b""}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    unknown = {**state, "hyper_parameters": {**state["hyper_parameters"], "variant": "vglaw_huge"}}
+    torch.save(unknown, tmp_path / "unknown.ckpt")
+    no_text = {**state, "hyper_parameters": {**state["hyper_parameters"], "text_encoder": "nobody/nothing-bert"}}
+    torch.save(no_text, tmp_path / "no_text.ckpt")
+    expect = {"text.ckpt": "not a PyTorch checkpoint", "empty.ckpt": "empty file",
+              "unknown.ckpt": "unknown model 'vglaw_huge'", "no_text.ckpt": "needs the text encoder"}
+    for name, needle in expect.items():
+        assert main(["predict", "--image", str(image), "--text", "x", "--model", str(tmp_path / name),
+                     "--out", str(tmp_path / "o.png")]) == 2, name
+        one_error_line(capsys, "predict", needle)
+
+
+def test_bad_output_paths_are_refused_before_inference(tiny_ckpt, shapes_root, tmp_path, capsys, monkeypatch):
+    import vglaw.inference
+
+    image = next((shapes_root / "images" / "shapes").glob("test_*.png"))
+    monkeypatch.setattr(vglaw.inference, "Grounder", None)  # would fail loudly if the model were loaded
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    cases = [(str(tmp_path), "is a folder"), (str(tmp_path / "result.txt"), "not an image file name"),
+             (str(tmp_path / "noext"), "not an image file name")]
+    if not os.access(readonly, os.W_OK):
+        cases.append((str(readonly / "o.png"), "is not writable"))
+    for out, needle in cases:
+        assert main(["predict", "--image", str(image), "--text", "x", "--model", str(tiny_ckpt), "--out", out]) == 2
+        one_error_line(capsys, "predict", needle)
+    readonly.chmod(0o700)
+
+
+def test_extreme_images(tiny_ckpt, tmp_path, capsys):
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (10000, 20), (200, 30, 30)).save(strip)
+    assert main(["predict", "--image", str(strip), "--text", "the red thing\non the left", "--model",
+                 str(tiny_ckpt), "--out", str(tmp_path / "o.png"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["width"], report["height"]) == (10000, 20)
+    assert report["results"][0]["text"] == "the red thing on the left"  # one line in the overlay
+    assert report["results"][0]["mask_rle"]["size"] == [20, 10000]
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 15000)).save(bomb)  # a few kB on disk, 300 MP decoded
+    assert main(["predict", "--image", str(bomb), "--text", "x", "--model", str(tiny_ckpt),
+                 "--out", str(tmp_path / "o.png")]) == 2
+    one_error_line(capsys, "predict", "bomb.png", "300 MP", "limit")
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\x80\x02}q\x00.", "expected a list of refs"),  # a pickled dict
+])
+def test_bad_refs_and_instances_files(tmp_path, capsys, content, needle):
+    write_refcoco(tmp_path)
+    (tmp_path / "refcoco" / "refs(unc).p").write_bytes(content)
+    assert main(["data", "check", "--root", str(tmp_path), "--dataset", "refcoco"]) == 2
+    one_error_line(capsys, "data", needle)
+
+
+def test_bad_instances_and_split_by(tmp_path, capsys):
+    write_refcoco(tmp_path)
+    inst = json.loads((tmp_path / "refcoco" / "instances.json").read_text())
+    del inst["images"]
+    (tmp_path / "refcoco" / "instances.json").write_text(json.dumps(inst))
+    assert main(["data", "check", "--root", str(tmp_path), "--dataset", "refcoco"]) == 2
+    one_error_line(capsys, "data", "no 'images' list")
+    assert main(["data", "check", "--root", str(tmp_path), "--dataset", "refcoco", "--split-by", "umd"]) == 2
+    one_error_line(capsys, "data", "--split-by 'umd'")
+    assert main(["data", "shapes", "--out", str(tmp_path / "s"), "--train", "0"]) == 2
+    one_error_line(capsys, "data", "--train must be >= 1")
+
+
+# ---- big inputs -------------------------------------------------------------------------
+
+def test_a_100_megapixel_photo_within_the_stated_memory_bound(tiny_ckpt, tmp_path):
+    """12000 x 9000 JPEG: the model reads it once at a bounded size; the mask comes back at full
+    resolution as booleans; `vglaw predict` needs under 600 MiB more than for a 100 x 100 image."""
+    import subprocess
+    import sys
+
+    photo, small = tmp_path / "big.jpg", tmp_path / "small.jpg"
+    yy, xx = np.mgrid[0:9000:8, 0:12000:8]
+    pattern = np.stack([(xx % 256), (yy % 256), ((xx + yy) % 256)], -1).astype(np.uint8)  # 1500 x 1125
+    Image.fromarray(pattern).resize((12000, 9000), Image.NEAREST).save(photo, quality=80)
+    Image.fromarray(pattern[:100, :100]).save(small)
+    code = ("import resource, sys; from vglaw.cli import main; rc = main(sys.argv[1:]); "
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    peaks = {}
+    for image in (small, photo):
+        done = subprocess.run([sys.executable, "-c", code, "predict", "--image", str(image), "--text", "the red circle",
+                               "--model", str(tiny_ckpt), "--out", str(tmp_path / f"{image.stem}.png"), "--json"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        peaks[image.stem] = int(done.stdout.split("PEAK")[-1]) / 1024
+        report = json.loads(done.stdout.split("PEAK")[0])
+    assert report["results"][0]["mask_rle"]["size"] == [9000, 12000]
+    assert max(Image.open(tmp_path / "big.png").size) <= 2048  # the overlay is drawn at a bounded size
+    assert peaks["big"] - peaks["small"] < 600, peaks

@@ -1,0 +1,151 @@
+"""Reader of gRefCOCO's format (henghuiding/gRefCOCO `grefer.py`): an expression refers to zero,
+one or many objects.
+
+    <root>/<dataset>/grefs(<splitBy>).json   JSON list of refs; `ann_id` and `category_id` are
+                                             lists, `[-1]` for an expression that names nothing
+    <root>/<dataset>/instances.json          COCO-style images and annotations
+    <root>/<IMAGE_DIRS[dataset]>/<file_name>
+
+One sample per sentence, with the union mask of its objects (empty for no target) and every
+box of the set. Datasets: "grefcoco" and the generated "gshapes" (`vglaw data shapes --generalised`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vglaw.data.refer import ReferDataset, ann_to_mask, segmentation_problem
+from vglaw.data.text import clean_text
+from vglaw.errors import UsageError
+
+
+@dataclass(frozen=True)
+class GSample:
+    """One sentence of one generalised ref."""
+
+    index: int
+    ref_id: int
+    sent_id: int
+    ann_ids: tuple[int, ...]  # empty: the expression names nothing in the image
+    image_id: int
+    text: str
+    image_path: Path
+    bboxes: tuple[tuple[float, float, float, float], ...]  # COCO x, y, w, h of every referred object
+
+    @property
+    def ann_id(self) -> tuple[int, ...]:
+        """The target's identity (the set), as `ReferDataset` samples have one."""
+        return self.ann_ids
+
+
+class GReferDataset(ReferDataset):
+    """Sentences of one split of a gRefCOCO-format dataset (see the module docstring).
+
+    Arguments as `ReferDataset`. `load` returns "bboxes" (N, 4) and "has_target" instead of
+    "bbox", and the union "mask".
+    """
+
+    @staticmethod
+    def refs_file(split_by: str) -> str:
+        return f"grefs({split_by}).json"
+
+    @staticmethod
+    def read_refs(path: Path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UsageError(f"{path}: not valid JSON ({err})") from err
+
+    def _index(self, refs: list, refs_path: Path, inst_path: Path) -> list[GSample]:
+        samples: list[GSample] = []
+        problems: list[str] = []
+        for ref in refs:
+            if ref.get("split") != self.split:
+                continue
+            missing = [k for k in ("ref_id", "ann_id", "image_id", "sentences") if k not in ref]
+            if missing:
+                self._reject(f"a ref in {refs_path} (ref_id {ref.get('ref_id')}) lacks {', '.join(missing)}", problems)
+                continue
+            sent_ids = [s.get("sent_id") for s in ref["sentences"] if isinstance(s, dict)]
+            where = f"ref {ref['ref_id']} (sentences {sent_ids}) in {refs_path}"
+            ids = ref["ann_id"] if isinstance(ref["ann_id"], list) else [ref["ann_id"]]
+            if not ids:
+                self._reject(f"{where} has an empty ann_id list (use [-1] for no target)", problems)
+                continue
+            if -1 in ids and len(ids) > 1:
+                self._reject(f"{where} mixes -1 (no target) with real annotation ids {ids}", problems)
+                continue
+            ids = [] if ids == [-1] else ids
+            image = self.images.get(ref["image_id"])
+            if image is None:
+                self._reject(f"{where} names image {ref['image_id']}, which is not in {inst_path}", problems)
+                continue
+            anns, bad = [], None
+            for ann_id in ids:
+                ann = self.anns.get(ann_id)
+                if ann is None:
+                    bad = f"{where} names annotation {ann_id}, which is not in {inst_path}"
+                elif ann["image_id"] != image["id"]:
+                    bad = f"{where}: annotation {ann_id} belongs to image {ann['image_id']}, not {image['id']}"
+                else:
+                    x, y, w, h = (float(v) for v in ann.get("bbox", (0, 0, 0, 0)))
+                    if not (w >= 1 and h >= 1):
+                        bad = f"{where}: annotation {ann_id} has a degenerate box {[x, y, w, h]} (w or h < 1 px)"
+                    else:
+                        bad = segmentation_problem(ann, image)
+                        bad = f"{where}: annotation {ann_id}: {bad}" if bad else None
+                if bad:
+                    break
+                anns.append(ann)
+            if bad:
+                self._reject(bad, problems)
+                continue
+            boxes = tuple(tuple(float(v) for v in a["bbox"]) for a in anns)
+            for sent in ref["sentences"]:
+                text = clean_text(sent.get("sent", "")) if isinstance(sent, dict) else ""
+                if not text:
+                    sent_id = sent.get("sent_id") if isinstance(sent, dict) else None
+                    self._reject(f"sentence {sent_id} of ref {ref['ref_id']} in {refs_path} is empty (or only control "
+                                 "or invisible characters)", problems)
+                    continue
+                samples.append(GSample(len(samples), ref["ref_id"], sent.get("sent_id"), tuple(ids), image["id"],
+                                       text, self.image_dir / image["file_name"], boxes))
+        self.problems = problems
+        if problems:
+            import warnings
+
+            self.skipped += len(problems)
+            warnings.warn(f"{self.dataset} {self.split}: skipped {len(problems)} bad samples; first: {problems[0]}",
+                          stacklevel=2)
+        return samples
+
+    def load(self, index: int) -> dict:
+        """The raw sample: image, text, "bboxes" (N, 4) COCO boxes, the union "mask" (H, W)
+        uint8 (zeros for no target), "has_target", ids [, category map]."""
+        s = self.samples[index]
+        image = self._cached(("image", s.image_id), lambda: self._load_image(s))
+
+        def union() -> np.ndarray:
+            mask = np.zeros(image.shape[:2], dtype=np.uint8)
+            for ann_id in s.ann_ids:
+                mask |= ann_to_mask(self.anns[ann_id], *image.shape[:2])
+            return mask
+
+        mask = self._cached(("mask", s.image_id, s.ann_ids), union)  # () names no object of *this* image
+        out = {"image": image, "text": s.text, "bboxes": np.array(s.bboxes, dtype=np.float32).reshape(-1, 4),
+               "mask": mask, "has_target": bool(s.ann_ids), "index": s.index, "ref_id": s.ref_id,
+               "sent_id": s.sent_id, "image_id": s.image_id}
+        if self.with_categories:
+            out["categories"] = self._cached(("categories", s.image_id),
+                                             lambda: self.category_map(s.image_id, *image.shape[:2]))
+        return out
+
+    def counts(self) -> dict[str, int]:
+        out = super().counts()
+        out["no_target"] = sum(1 for s in self.samples if not s.ann_ids)
+        out["multi_target"] = sum(1 for s in self.samples if len(s.ann_ids) > 1)
+        return out

@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+SERVE_STAMP := $(VENV)/.serve-installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -16,7 +17,7 @@ SHAPES ?= data
 OUT ?= outputs/demo
 OUT_GREF ?= outputs/demo-gref
 
-.PHONY: setup test test-all lint demo demo-gref train eval bench bench-quick clean
+.PHONY: setup test test-all test-browser lint demo demo-gref serve train eval bench bench-quick clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,19 +25,30 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+# The web demo's extra (Gradio), only for the targets that serve pages.
+$(SERVE_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,serve]'
+	touch $(SERVE_STAMP)
+
+setup: $(SERVE_STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "" 
+	$(PY) -m pytest -q -m "not browser"
+
+test-browser: $(SERVE_STAMP)
+	$(PY) -m pytest -q -m browser
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vglaw tests
 
 demo: $(STAMP)
 	$(PY) -m vglaw.demo --data $(SHAPES) --out $(OUT)
+
+serve: $(SERVE_STAMP)
+	$(VENV)/bin/vglaw serve $(if $(MODEL),--model $(MODEL),) $(ARGS)
 
 demo-gref: $(STAMP)
 	$(PY) -m vglaw.demo --generalised --data $(SHAPES) --out $(OUT_GREF)

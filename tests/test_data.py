@@ -258,6 +258,10 @@ def test_letterbox_pads_with_the_mean_colour_zero_after_normalisation(refcoco):
     assert top > 0 and out["pad"][0] == 0
     assert (out["image"][:, :top] == 0).all() and (out["image"][:, top + 72 :] == 0).all()
     assert (out["image"][:, top : top + 72] != 0).any(dim=0).float().mean() > 0.99
+    black = GroundingTransform(96, fill="black")(raw)  # the shapes demo's choice: black, normalised
+    want = torch.tensor([-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225])[:, None, None]
+    torch.testing.assert_close(black["image"][:, :top], want.expand(3, top, 96))
+    torch.testing.assert_close(black["image"][:, top : top + 72], out["image"][:, top : top + 72])
 
 
 def test_random_translation_moves_image_box_and_mask_together(refcoco):
@@ -295,7 +299,9 @@ def test_paper_configs_augment_with_the_flip_only(name, capsys):
         main(["fit", "--config", str(REPO / "configs" / f"{name}.yaml"), "--print_config"])
     data = yaml.safe_load(capsys.readouterr().out)["data"]
     assert (data["flip_p"], data["crop_p"], data["color_jitter_p"], data["translate_p"]) == (0.5, 0.0, 0.0, 0.0)
-    dm = ReferDataModule(**{k: data[k] for k in ("flip_p", "crop_p", "color_jitter_p", "translate_p")})
+    assert data["letterbox_fill"] == "mean"
+    dm = ReferDataModule(**{k: data[k] for k in ("flip_p", "crop_p", "color_jitter_p", "translate_p",
+                                                   "letterbox_fill")})
     t = GroundingTransform(64, train=True, **dm.augmentation)
     steps = {type(step).__name__ for pipeline in t.augment.values() if pipeline for step in pipeline.transforms}
     assert steps == {"HorizontalFlip"}

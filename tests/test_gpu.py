@@ -35,3 +35,36 @@ def test_cuda_matches_cpu_in_fp32():
         cpu = model(x, ids, torch.ones_like(ids))
         gpu = model.cuda()(x.cuda(), ids.cuda(), torch.ones_like(ids).cuda())
     torch.testing.assert_close(gpu["boxes"].cpu(), cpu["boxes"], atol=1e-4, rtol=1e-3)
+
+
+def test_flex_attention_matches_sdpa_in_bf16_on_cuda():
+    from vglaw.models.vitdet import ViTDet
+
+    torch.manual_seed(0)
+    m = ViTDet(img_size=448, drop_path_rate=0.0).cuda().eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0, 0.1)
+    x = torch.randn(4, 3, 448, 448, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = m(x).float()
+        grads_ref = torch.autograd.grad(ref.square().mean(), list(m.parameters()))
+        m.set_attention_kernel("flex")
+        got = m(x).float()
+        grads = torch.autograd.grad(got.square().mean(), list(m.parameters()))
+    torch.testing.assert_close(got, ref, atol=5e-2, rtol=5e-2)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g.float(), r.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_compiled_model_matches_eager_on_cuda():
+    torch.manual_seed(0)
+    model = vglaw.create_model("vglaw_tiny").cuda().eval()
+    compiled = torch.compile(model)
+    ids = torch.randint(1000, 2000, (2, 9), device="cuda")
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        want, got = model(x, ids, torch.ones_like(ids)), compiled(x, ids, torch.ones_like(ids))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-3, rtol=1e-3)

@@ -86,6 +86,8 @@ class ReferDataModule(pl.LightningDataModule):
             expressions name; not the paper's).
         translate_p: probability of placing the image at a random offset in the letterbox
             instead of its centre (the official port's random translation; not in the paper).
+        letterbox_fill: padding of the letterbox: "mean" (zero after normalisation, the paper's)
+            or "black".
         skip_invalid: drop bad samples with a counted warning instead of stopping.
         cache_images: keep decoded images and masks in memory (per worker); for small datasets.
         categories: add category maps of every annotated object ("categories"), the target of
@@ -110,6 +112,7 @@ class ReferDataModule(pl.LightningDataModule):
         crop_p: float = 0.0,
         color_jitter_p: float = 0.0,
         translate_p: float = 0.0,
+        letterbox_fill: str = "mean",
         skip_invalid: bool = False,
         cache_images: bool = False,
         categories: bool = False,
@@ -126,7 +129,8 @@ class ReferDataModule(pl.LightningDataModule):
         if num_workers < 0:
             raise UsageError(f"data.num_workers must be >= 0, got {num_workers}")
         self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
-        self.augmentation = dict(flip_p=flip_p, crop_p=crop_p, color_jitter_p=color_jitter_p, translate_p=translate_p)
+        self.augmentation = dict(flip_p=flip_p, crop_p=crop_p, color_jitter_p=color_jitter_p, translate_p=translate_p,
+                                 fill=letterbox_fill)
         GroundingTransform(img_size, train=True, **self.augmentation)  # checks the probabilities now
         self.skip_invalid, self.cache_images, self.categories = skip_invalid, cache_images, categories
         self.collate = Collate(text_encoder, max_tokens)

@@ -147,6 +147,10 @@ def to_original(outputs: dict[str, Tensor], scale: Tensor, pad: Tensor, orig_siz
     return out
 
 
+# Letterbox padding after normalisation: the mean colour is 0; black is -mean / std (ImageNet).
+FILLS = {"mean": np.zeros(3, np.float32),
+         "black": -np.array([0.485, 0.456, 0.406], np.float32) / np.array([0.229, 0.224, 0.225], np.float32)}
+
 # The optional category map travels like the mask: nearest resampling, 0 (background) padding.
 CATEGORY_TARGET = {"categories": "mask"}
 
@@ -167,10 +171,16 @@ class GroundingTransform:
         translate_p: probability of placing the resized image at a random offset inside the
             S x S square instead of its centre (the official port's random translation).
         keep_original: also return the original box (xyxy) and mask, for metrics.
+        fill: the letterbox padding: "mean" (the mean colour, zero after normalisation: the
+            paper's) or "black".
     """
 
     def __init__(self, img_size: int, train: bool = False, flip_p: float = 0.5, crop_p: float = 0.0,
-                 color_jitter_p: float = 0.0, translate_p: float = 0.0, keep_original: bool = False) -> None:
+                 color_jitter_p: float = 0.0, translate_p: float = 0.0, keep_original: bool = False,
+                 fill: str = "mean") -> None:
+        if fill not in FILLS:
+            raise UsageError(f"letterbox fill must be one of {', '.join(FILLS)}, got {fill!r}")
+        self.fill = FILLS[fill]
         for name, p in (("flip_p", flip_p), ("crop_p", crop_p), ("color_jitter_p", color_jitter_p),
                         ("translate_p", translate_p)):
             if not 0.0 <= p <= 1.0:
@@ -231,7 +241,8 @@ class GroundingTransform:
             pad = ((S - new_w) // 2, (S - new_h) // 2)
         left, top = pad
         # Letterbox padding is the mean colour: zero after normalisation, as in the official port.
-        canvas = np.zeros((S, S, 3), dtype=np.float32)
+        canvas = np.empty((S, S, 3), dtype=np.float32)
+        canvas[:] = self.fill
         canvas[top : top + new_h, left : left + new_w] = r["image"]
 
         def place(m: np.ndarray, dtype) -> np.ndarray:

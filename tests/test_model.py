@@ -225,7 +225,7 @@ def test_every_parameter_gets_a_gradient(tokenizer, kind):
     assert ("seg_logits" in out) == (kind == "from_scratch")
     loss = out["boxes"].sum() + out["mask_logits"].sigmoid().mean()
     if "seg_logits" in out:
-        assert out["seg_logits"].shape == (2, 3, 16, 16)  # stride 4
+        assert out["seg_logits"].shape == (2, 3, 64, 64)
         loss = loss + out["seg_logits"].softmax(1)[:, 0].mean()
     loss.backward()
     frozen = kind == "from_scratch"  # its text encoder is fixed
@@ -304,7 +304,7 @@ def reference_scratch_mask_head(head, features, text_cls, out_size, skip=None):
     text = head.text_proj(text_cls)
     logits = torch.einsum("bhwc,bc->bhw", x, text).unsqueeze(1) / x.shape[-1] ** 0.5
     up = lambda t: F.interpolate(t, size=out_size, mode="bilinear", align_corners=False)
-    return up(logits), (head.seg(x).permute(0, 3, 1, 2) if head.seg is not None else None)
+    return up(logits), (up(head.seg(x).permute(0, 3, 1, 2)) if head.seg is not None else None)
 
 
 def reference_paper_mask_head(head, features, text_cls, out_size):

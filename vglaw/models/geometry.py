@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 from vglaw.errors import UsageError
@@ -23,19 +24,15 @@ def window_partition(x: Tensor, window_size: int) -> tuple[Tensor, tuple[int, in
     pad_w = (window_size - W % window_size) % window_size
     if pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    Hp, Wp = H + pad_h, W + pad_w
-    x = x.view(B, Hp // window_size, window_size, Wp // window_size, window_size, C)
-    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)  # (B*nW, ws, ws, C)
-    return windows, (Hp, Wp)
+    windows = rearrange(x, "b (nh h) (nw w) c -> (b nh nw) h w c", h=window_size, w=window_size)
+    return windows, (H + pad_h, W + pad_w)
 
 
 def window_unpartition(windows: Tensor, window_size: int, pad_hw: tuple[int, int], hw: tuple[int, int]) -> Tensor:
     """Inverse of `window_partition`: (B * nW, ws, ws, C) -> (B, H, W, C), padding removed."""
     Hp, Wp = pad_hw
     H, W = hw
-    B = windows.shape[0] // (Hp * Wp // window_size // window_size)
-    x = windows.view(B, Hp // window_size, Wp // window_size, window_size, window_size, -1)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)  # (B, Hp, Wp, C)
+    x = rearrange(windows, "(b nh nw) h w c -> b (nh h) (nw w) c", nh=Hp // window_size, nw=Wp // window_size)
     return x[:, :H, :W, :].contiguous()
 
 

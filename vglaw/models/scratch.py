@@ -161,7 +161,7 @@ class ScratchMaskHead(nn.Module):
             so mask edges can follow the image inside a patch; 0 for none.
         seg_classes: also classify every stride-4 pixel into this many categories (background
             included) for an auxiliary loss that teaches the backbone what the objects are; 0
-            for none. The category logits stay at stride 4 (the loss samples its targets there).
+            for none.
     """
 
     def __init__(self, visual_dim: int, text_dim: int, hidden_dim: int = 256, skip_dim: int = 0,
@@ -177,7 +177,7 @@ class ScratchMaskHead(nn.Module):
     def forward(self, features: Tensor, text: Tensor, out_size: tuple[int, int],
                 skip: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(B, H, W, C) features, (B, d_l) text [, (B, skip_dim, 4H, 4W) map] -> mask logits
-        (B, 1, *out_size) and, with `seg_classes`, category logits (B, seg_classes, 4H, 4W).
+        (B, 1, *out_size) and, with `seg_classes`, category logits (B, seg_classes, *out_size).
 
         The stride-4 features x = up2(y) [+ skip(map)] are read through O = 1 + seg_classes
         vectors, folded into up2's and skip's weights per sample (`conv_transpose_2x2_readout`).
@@ -198,8 +198,11 @@ class ScratchMaskHead(nn.Module):
         if self.seg is not None:
             bias = bias + torch.cat([self.seg.bias.new_zeros(1), self.seg.bias])
         out = out + bias[:, :, None, None]
-        mask = F.interpolate(out[:, :1], size=out_size, mode="bilinear", align_corners=False)  # (B, 1, *out_size)
-        return mask, (out[:, 1:] if self.seg is not None else None)
+        # Split before upsampling: a slice's backward fills a zero tensor of its source's size.
+        # Category logits at full resolution too: at stride 4 they cost 5% less time but gave
+        # coarser masks (val mask Prec@0.9 0.35 vs 0.39 after 4884 steps, make demo).
+        up = lambda t: F.interpolate(t, size=out_size, mode="bilinear", align_corners=False)  # (B, ·, *out_size)
+        return up(out[:, :1]), (up(out[:, 1:]) if self.seg is not None else None)
 
 
 class ScratchVGLAW(VGLAW):

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from einops import rearrange
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
@@ -111,8 +112,7 @@ class Attention(nn.Module):
         if self.window_size:
             qkv, pad_hw = window_partition(qkv, self.window_size)  # (B*nW, ws, ws, 3C)
         Bw, h, w, _ = qkv.shape
-        qkv = qkv.reshape(Bw, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, Bw, nh, N, hd)
-        q, k, v = qkv.unbind(0)
+        q, k, v = rearrange(qkv, "b h w (three nh hd) -> three b nh (h w) hd", three=3, nh=self.num_heads)
         if self.kernel == "flex" and self.use_rel_pos:
             from vglaw.models.flex import flex_rel_pos_attention
 
@@ -122,7 +122,7 @@ class Attention(nn.Module):
             if self.use_rel_pos:
                 bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))  # (Bw, nh, N, N)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (Bw, nh, N, hd)
-        out = out.transpose(1, 2).reshape(Bw, h, w, C)  # (Bw, h, w, C)
+        out = rearrange(out, "b nh (h w) hd -> b h w (nh hd)", h=h)  # (Bw, h, w, C)
         if self.window_size:
             out = window_unpartition(out, self.window_size, pad_hw, (H, W))  # (B, H, W, C)
         return self.proj(out)

@@ -177,10 +177,40 @@ def test_generalised_model_outputs_losses_and_decoding(tokenizer):
     logits[0, 4, 5] = 3.0
     params = torch.zeros(1, 8, 8, 4)
     params[0, 4, 5] = torch.tensor([0.0, 0.0, -1.0, 0.5])
-    sets = decode_sets({"centre_logits": logits, "box_params": params, "exist_logits": torch.tensor([2.0])})
-    assert len(sets[0]["scores"]) == 1 and sets[0]["scores"][0] == pytest.approx(torch.sigmoid(torch.tensor(3.0)))
+    m.centre_head.score_calibration.copy_(torch.tensor([2.0, -1.0]))
+    outputs = {"centre_logits": logits, "score_logits": m.centre_head.score_logits(logits), "box_params": params,
+               "exist_logits": torch.tensor([2.0])}
+    sets = decode_sets(outputs)
+    assert len(sets[0]["scores"]) == 1 and sets[0]["scores"][0] == pytest.approx(torch.sigmoid(torch.tensor(5.0)))
+    assert sets[0]["centre_logits"].tolist() == [3.0]
     torch.testing.assert_close(sets[0]["boxes"][0], decode_boxes(params)[0, 4, 5])
     torch.testing.assert_close(sets[0]["boxes"][0, :2], torch.tensor([5.5 / 8, 4.5 / 8]))
+
+
+def test_peak_labels_match_greedily_in_score_order():
+    from vglaw.training.calibration import peak_labels
+
+    targets = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0],  # target 0, exactly
+                          [0.5, 0.5, 10.0, 10.0],  # target 0 again: a duplicate, so 0
+                          [21.0, 21.0, 30.0, 30.0],  # target 1
+                          [50.0, 50.0, 60.0, 60.0]])  # nothing
+    assert peak_labels(boxes, torch.tensor([0.9, 0.8, 0.3, 0.95]), targets).tolist() == [1, 0, 1, 0]
+    # the duplicate scoring higher takes the target instead
+    assert peak_labels(boxes, torch.tensor([0.7, 0.8, 0.3, 0.95]), targets).tolist() == [0, 1, 1, 0]
+    assert peak_labels(boxes, torch.ones(4), torch.zeros(0, 4)).tolist() == [0, 0, 0, 0]
+
+
+def test_platt_fit_recovers_a_known_scaling():
+    from vglaw.training.calibration import fit_platt
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(20000, generator=g) * 2
+    labels = (torch.rand(20000, generator=g) < torch.sigmoid(3.0 * logits + 1.0)).float()
+    a, b = fit_platt(logits, labels)
+    assert a == pytest.approx(3.0, abs=0.15) and b == pytest.approx(1.0, abs=0.1)
+    assert fit_platt(logits[:50], torch.zeros(50)) is None  # one class only: nothing to fit
+    assert fit_platt(logits, (logits < 0).float()) is None  # an order-reversing fit is refused
 
 
 def test_generalised_fit_predict_and_no_target(gshapes_root, tmp_path, capsys):
@@ -197,6 +227,13 @@ def test_generalised_fit_predict_and_no_target(gshapes_root, tmp_path, capsys):
     ckpts = list((tmp_path / "logs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
     assert ckpts and torch.load(ckpts[0], weights_only=True)["callbacks"]
     assert "val/giou" in str(torch.load(ckpts[0], weights_only=True)["callbacks"])
+    # the box scores were calibrated on the validation peaks, and the checkpoint carries the fit
+    assert "val/score_scale" in rows
+    scale_bias = torch.load(ckpts[0], weights_only=True)["state_dict"]["model.centre_head.score_calibration"]
+    logged = [line.split(",") for line in rows.splitlines()]
+    header = logged[0]
+    scales = [float(r[header.index("val/score_scale")]) for r in logged[1:] if r[header.index("val/score_scale")]]
+    assert scales and scale_bias[0].item() == pytest.approx(scales[-1])
     model_dir = tmp_path / "logs" / "version_0" / "model"
     assert (model_dir / "config.json").is_file()
     image = next((gshapes_root / "images" / "gshapes").glob("test_*.png"))

@@ -365,3 +365,17 @@ def test_a_100_megapixel_photo_within_the_stated_memory_bound(tiny_ckpt, tmp_pat
     assert report["results"][0]["mask_rle"]["size"] == [9000, 12000]
     assert max(Image.open(tmp_path / "big.png").size) <= 2048  # the overlay is drawn at a bounded size
     assert peaks["big"] - peaks["small"] < 600, peaks
+
+
+def test_atomic_outputs_have_ordinary_permissions(tmp_path):
+    from vglaw.atomic import atomic_dir, write_text
+
+    old = os.umask(0o022)
+    try:
+        path = write_text(tmp_path / "a.json", "{}")
+        with atomic_dir(tmp_path / "folder") as d:
+            (d / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "folder").stat().st_mode & 0o777) == oct(0o755)

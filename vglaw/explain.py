@@ -81,7 +81,9 @@ def build_explain_figure(image: np.ndarray, result: dict, img_size: int):
     if "lap_attention" in result or "centre_map" in result:
         key = "lap_attention" if "lap_attention" in result else "centre_map"
         heat = pooling_map_on_image(result[key], result["letterbox"], image.shape[:2], img_size, (h0, w0))
-        ax.imshow(heat, cmap="inferno", alpha=0.6)
+        overlay = plt.get_cmap("inferno")(heat / max(float(heat.max()), 1e-12))  # (H, W, 4)
+        overlay[..., 3] = 0.75 * heat / max(float(heat.max()), 1e-12)  # the image shows where attention is low
+        ax.imshow(overlay)
         ax.set_title("(b) box head's pooling map A" if key == "lap_attention" else
                      "(b) referred-object centre map", fontsize=10)
     else:

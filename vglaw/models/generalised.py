@@ -10,6 +10,12 @@ Beside the paper: the same language-adaptive backbone and union-mask head, plus
 - `ExistenceHead`: whether the expression names anything at all, from a language-adaptive
   pooling of the features; it gates both the boxes and the mask.
 
+A centre peak's height is not a probability that its box is right (the penalty-reduced focal
+loss keeps peaks low), while GREC keeps the boxes scoring at least 0.7. So a box's score is the
+peak's logit through a Platt scaling fitted on held-out data (`CentreBoxHead.score_calibration`,
+fitted at each validation by `vglaw.training.calibration`): a score is then the estimated
+probability that the box matches a referred object.
+
 `GeneralisedVGLAW` (the paper's model) and `GeneralisedScratchVGLAW` (the from-scratch one)
 add both heads through `GeneralisedMixin`; the paper's classes are unchanged.
 Layouts as in `vglaw.models.vglaw`; the centre map is (B, 2h, 2w) for an (h, w) token grid.
@@ -47,6 +53,9 @@ class CentreBoxHead(nn.Module):
         self.text_proj = nn.Linear(text_dim, hidden_dim)
         self.centre_bias = nn.Parameter(torch.tensor(-math.log((1 - 0.1) / 0.1)))  # prior: 10% of cells
         self.box = nn.Linear(hidden_dim, 4)  # (dx, dy) offset in the cell, (w, h) as fractions of the input
+        # Box score logit = scale * centre logit + bias (identity until fitted; the scale stays > 0,
+        # so the peaks are the centre map's).
+        self.register_buffer("score_calibration", torch.tensor([1.0, 0.0]))
 
     def forward(self, features: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
         """(B, h, w, C), (B, d_l) -> centre logits (B, 2h, 2w) and box parameters (B, 2h, 2w, 4)."""
@@ -54,6 +63,10 @@ class CentreBoxHead(nn.Module):
         query = self.text_proj(text) / math.sqrt(y.shape[-1])  # (B, hidden)
         centre = torch.einsum("bhwc,bc->bhw", y, query) + self.centre_bias  # (B, 2h, 2w)
         return centre, self.box(y)
+
+    def score_logits(self, centre: Tensor) -> Tensor:
+        """Centre logits (B, 2h, 2w) -> calibrated box-score logits (B, 2h, 2w)."""
+        return self.score_calibration[0] * centre + self.score_calibration[1]
 
 
 class ExistenceHead(nn.Module):
@@ -104,10 +117,11 @@ class GeneralisedMixin:
 
     def forward_heads(self, features: Tensor, sentence: Tensor, out_size: tuple[int, int],
                       **extra) -> dict[str, Tensor]:
-        """The union mask, plus "centre_logits" (B, 2h, 2w), "box_params" (B, 2h, 2w, 4) and
-        "exist_logits" (B,)."""
+        """The union mask, plus "centre_logits" (B, 2h, 2w), "score_logits" (B, 2h, 2w) (calibrated
+        box scores), "box_params" (B, 2h, 2w, 4) and "exist_logits" (B,)."""
         out = super().forward_heads(features, sentence, out_size, **extra)
         out["centre_logits"], out["box_params"] = self.centre_head(features, sentence)
+        out["score_logits"] = self.centre_head.score_logits(out["centre_logits"])
         out["exist_logits"] = self.exist_head(features, sentence)
         return out
 
@@ -133,16 +147,19 @@ def decode_boxes(box_params: Tensor) -> Tensor:
 
 
 def decode_sets(outputs: dict[str, Tensor], top_k: int = 20, min_score: float = 0.05) -> list[dict[str, Tensor]]:
-    """Per sample: "boxes" (K, 4) normalised cxcywh and "scores" (K,) of the centre map's local
-    maxima (3x3) scoring at least `min_score`, best first, and "exists", the existence probability."""
-    heat = outputs["centre_logits"].float().sigmoid()  # (B, H2, W2)
-    peaks = heat == F.max_pool2d(heat[:, None], 3, stride=1, padding=1)[:, 0]
+    """Per sample: "boxes" (K, 4) normalised cxcywh, "scores" (K,) (calibrated) and
+    "centre_logits" (K,) (raw) of the centre map's local maxima (3x3) whose score is at least
+    `min_score`, best first, and "exists", the existence probability."""
+    logits = outputs["centre_logits"].float()  # (B, H2, W2)
+    peaks = logits == F.max_pool2d(logits[:, None], 3, stride=1, padding=1)[:, 0]
+    scores = outputs["score_logits"].float().sigmoid()  # a monotone map of the centre logits: same peaks
     boxes = decode_boxes(outputs["box_params"].float())  # (B, H2, W2, 4)
     exists = outputs["exist_logits"].float().sigmoid()
     out = []
-    for b in range(heat.shape[0]):
-        score = torch.where(peaks[b] & (heat[b] >= min_score), heat[b], torch.zeros_like(heat[b])).flatten()
+    for b in range(logits.shape[0]):
+        score = torch.where(peaks[b] & (scores[b] >= min_score), scores[b], torch.zeros_like(scores[b])).flatten()
         k = min(top_k, int((score > 0).sum()))
         top = score.topk(k)
-        out.append({"boxes": boxes[b].reshape(-1, 4)[top.indices], "scores": top.values, "exists": exists[b]})
+        out.append({"boxes": boxes[b].reshape(-1, 4)[top.indices], "scores": top.values,
+                    "centre_logits": logits[b].flatten()[top.indices], "exists": exists[b]})
     return out

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from vglaw.data.transforms import to_original
@@ -107,6 +108,8 @@ class VGLAWModule(pl.LightningModule):
             self.loss_weights["seg"] = weight_seg
         self.milestones = list(milestones if milestones is not None else [10, 60])
         self.metrics = nn.ModuleDict()
+        self._calibrating = False  # collecting box-score calibration peaks (generalised, validation in fit)
+        self._calibration: list[tuple[Tensor, Tensor]] = []
 
     def forward(self, batch: dict, return_attention: bool = False) -> dict[str, Tensor]:
         return self.model(batch["images"], batch["input_ids"], batch["attention_mask"], return_attention)
@@ -193,6 +196,10 @@ class VGLAWModule(pl.LightningModule):
         self.log(f"{split}/loss", terms["loss"], batch_size=len(batch["texts"]), add_dataloader_idx=False,
                  sync_dist=True)
         self.metrics[split].update(batch["index"], **self.measure(outputs, batch))
+        if self._calibrating and dataloader_idx == 0:
+            from vglaw.training.calibration import calibration_samples
+
+            self._calibration.append(calibration_samples(outputs, batch, self.img_size))
 
     def _log_metrics(self) -> None:
         for split, metric in self.metrics.items():
@@ -203,15 +210,48 @@ class VGLAWModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._reset_metrics("val")
+        # A generalised model's box scores are recalibrated on the first validation split while it
+        # trains (`vglaw.training.calibration`), not in the sanity check.
+        self._calibrating = self.generalised and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        self._calibration = []
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics()
+        if self._calibrating:
+            self._calibrate()
+
+    def _calibrate(self) -> None:
+        """Fit the box-score calibration on this validation's peaks (gathered from every process)."""
+        from vglaw.training.calibration import fit_platt
+
+        logits = torch.cat([x for x, _ in self._calibration]) if self._calibration else torch.zeros(0)
+        labels = torch.cat([y for _, y in self._calibration]) if self._calibration else torch.zeros(0)
+        self._calibration = []
+        if self.trainer.world_size > 1:  # every process fits the same scaling from all the peaks
+            sizes = self.all_gather(torch.tensor(len(logits), device=self.device)).flatten()
+            pad = int(sizes.max()) - len(logits)
+            both = torch.stack([logits, labels]).to(self.device)
+            both = torch.cat([both, both.new_zeros(2, pad)], dim=1)
+            gathered = self.all_gather(both)  # (world, 2, max)
+            logits = torch.cat([g[0, : int(n)] for g, n in zip(gathered, sizes)]).cpu()
+            labels = torch.cat([g[1, : int(n)] for g, n in zip(gathered, sizes)]).cpu()
+        fit = fit_platt(logits, labels)
+        head = self.model.centre_head
+        if fit is None:
+            rank_zero_warn(f"box-score calibration skipped at epoch {self.current_epoch}: {int(labels.sum())} "
+                           f"matching and {int((1 - labels).sum())} other peaks on validation; keeping "
+                           f"{head.score_calibration.tolist()}")
+        else:
+            head.score_calibration.copy_(torch.tensor(fit, dtype=head.score_calibration.dtype))
+        a, b = head.score_calibration.tolist()
+        self.log_dict({"val/score_scale": a, "val/score_bias": b}, add_dataloader_idx=False)
 
     def on_test_epoch_start(self) -> None:
         self._reset_metrics("test")
+        self._calibrating = False
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)

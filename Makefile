@@ -17,7 +17,7 @@ SHAPES ?= data
 OUT ?= outputs/demo
 OUT_GREF ?= outputs/demo-gref
 
-.PHONY: setup test test-all test-browser lint demo demo-gref serve train eval bench bench-quick clean
+.PHONY: setup test test-all test-browser lint docs demo demo-gref serve train eval bench bench-quick clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test-browser: $(SERVE_STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vglaw tests
+
+# docs/src/*.md -> docs/*.md, with links to the lines that define the code they name.
+docs:
+	$(PYTHON) docs/src/render.py
 
 demo: $(STAMP)
 	$(PY) -m vglaw.demo --data $(SHAPES) --out $(OUT)

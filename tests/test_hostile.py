@@ -249,6 +249,15 @@ def test_fit_settings_are_checked_before_anything_runs(shapes_root, tmp_path, ca
     one_error_line(capsys, "fit", needle)
 
 
+def test_checkpoint_folder_under_a_file_is_found_at_start(shapes_root, tmp_path, capsys):
+    """Even root cannot create a folder inside a file."""
+    (tmp_path / "results").write_text("a file where a folder should be")
+    assert main(["fit", "--config", str(REPO / "configs" / "shapes.yaml"), f"--data.data_root={shapes_root}",
+                 "--model.variant=vglaw_tiny_scratch", "--data.img_size=64",
+                 f"--trainer.default_root_dir={tmp_path / 'results' / 'run'}", "--trainer.logger=false"]) == 2
+    one_error_line(capsys, "fit", "is a file, not a folder")
+
+
 def test_unwritable_checkpoint_folder_is_found_at_start(shapes_root, tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -267,3 +267,41 @@ def test_ablate_command(tiny_ckpt, shapes_root, tmp_path, capsys):
     assert set(json.loads((tmp_path / "t.json").read_text())) == {
         "as trained", "Φ = 0 (static backbone, heads read the expression)", "backbone weights from another expression",
         "heads read another expression", "both from another expression"}
+
+
+def test_serve_requests_take_turns_keep_their_results_and_explain_bad_input(tiny_ckpt, shapes_root, tmp_path):
+    """The web page's request handler (`vglaw.serve.ground`), without the browser: concurrent
+    requests each get their own answers, equal to sequential ones; a non-image, an empty
+    expression and a huge image are messages, not crashes."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from vglaw.errors import UserError
+    from vglaw.inference import Grounder
+    from vglaw.serve import ground
+
+    grounder, lock = Grounder(tiny_ckpt), threading.Lock()
+    images = sorted((shapes_root / "images" / "shapes").glob("test_*.png"))[:4]
+    requests = [(str(img), f"the red circle\nthe {word} square") for img, word in
+                zip(images, ["big", "small", "blue", "leftmost"])]
+    sequential = [ground(grounder, lock, img, texts, False)[1] for img, texts in requests]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(lambda r: ground(grounder, lock, r[0], r[1], False)[1], requests * 2))
+    assert concurrent == sequential * 2
+    assert [r["text"] for r in sequential[3]["results"]] == ["the red circle", "the leftmost square"]
+
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    with pytest.raises(UserError, match="notes.png"):
+        ground(grounder, lock, str(not_image), "the red circle", False)
+    with pytest.raises(UserError, match="at least one expression"):
+        ground(grounder, lock, str(images[0]), " \n\t\n", False)
+    with pytest.raises(UserError, match="upload an image"):
+        ground(grounder, lock, None, "the red circle", False)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (5000, 3000), (90, 90, 90)).save(big)
+    overlay, report, figures, note = ground(grounder, lock, str(big), "the red circle", True)
+    assert "5000x3000" in note and report["width"] == 5000 and report["height"] == 3000
+    assert len(figures) == 1 and max(overlay.size) <= 2048  # drawn at the working size

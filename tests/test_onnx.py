@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 
 
 def _compare(name, tmp_path, tokenizer, size):
-    from vglaw.onnx import OnnxModel, export_onnx
+    from vglaw.onnx import check_onnx, export_onnx
 
     torch.manual_seed(0)
     model = vglaw.create_model(name).eval()
@@ -19,26 +19,36 @@ def _compare(name, tmp_path, tokenizer, size):
         model.weight_generator.phi_weight.normal_(0, 0.5)
     model.save_pretrained(tmp_path / "m")
     path = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
-    ort = OnnxModel(path)
-    # another batch size and text length than the export traced
-    texts = ["the red circle", "the star left of the big blue square at the top", "a square"]
-    t = tokenizer(texts, padding=True, return_tensors="pt")
-    images = torch.randn(3, 3, size, size)
-    with torch.no_grad():
-        want = model(images, t["input_ids"], t["attention_mask"], return_attention=True)
-    got = ort(images, t["input_ids"], t["attention_mask"], return_attention=True)
-    assert set(got) == set(want)
-    torch.testing.assert_close(got["boxes"], want["boxes"], atol=1e-4, rtol=0)
+    report = check_onnx(path, model, tokenizer)
+    assert report["max_abs/boxes"] <= 1e-4 and report["mask_disagreement"] == 0
     for key in ("lang_attention", "lap_attention"):
-        torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4)
-    threshold = torch.logit(torch.tensor(0.35))
-    decided = (want["mask_logits"] - threshold).abs() > 1e-4  # pixels not on the threshold itself
-    assert torch.equal((got["mask_logits"] > threshold)[decided], (want["mask_logits"] > threshold)[decided])
+        assert report[f"max_abs/{key}"] <= 1e-4
+    # the check notices a wrong export: the same file against a slightly different model
+    with torch.no_grad():
+        model.box_head.mlp[-1].bias.add_(1e-2)
+    with pytest.raises(RuntimeError, match="boxes differ"):
+        check_onnx(path, model, tokenizer)
+    with torch.no_grad():
+        model.box_head.mlp[-1].bias.sub_(1e-2)
     return path
 
 
 def test_onnx_equals_pytorch_tiny(tmp_path, tokenizer):
     _compare("vglaw_tiny", tmp_path, tokenizer, 64)
+
+
+def test_onnx_of_a_generalised_cached_model_keeps_its_calibrated_scores(tmp_path, tokenizer):
+    from vglaw.onnx import check_onnx, export_onnx
+
+    torch.manual_seed(0)
+    # with the text cache the demo configs use: tracing must not freeze it into the graph
+    model = vglaw.create_model("vglaw_tiny_scratch_gref", text_cache_size=100).eval()
+    model.centre_head.score_calibration.copy_(torch.tensor([2.5, 0.7]))
+    model.save_pretrained(tmp_path / "m")
+    report = check_onnx(export_onnx(tmp_path / "m", tmp_path / "m.onnx"), model, tokenizer)
+    for key in ("centre_logits", "score_logits", "box_params", "exist_logits"):
+        assert report[f"max_abs/{key}"] <= 1e-4, key
+    assert report["mask_disagreement"] == 0
 
 
 @pytest.mark.slow

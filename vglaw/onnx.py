@@ -8,7 +8,8 @@ pre- and post-processing as PyTorch.
 Inputs: images (B, 3, S, S) float32, input_ids and attention_mask (B, L) int64, B and L
 dynamic. Outputs: every tensor the PyTorch model returns with `return_attention=True`.
 The file's metadata records the input side, the text encoder (for the tokenizer) and the
-output names.
+output names. Every export is checked at once (`check_onnx`): ONNX Runtime against PyTorch on
+another batch size and text length than the ones traced.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from vglaw.errors import MissingFileError, UsageError
 
 OPSET = 17
+BOX_TOLERANCE = 1e-4  # largest |ONNX Runtime - PyTorch| of a normalised box coordinate an export may show
 
 
 class _Exported(nn.Module):
@@ -51,6 +53,13 @@ def export_onnx(source: str | Path, out: str | Path) -> Path:
     with torch.no_grad():
         names = list(model(images, t["input_ids"], t["attention_mask"], return_attention=True))
     wrapper = _Exported(model, names)
+    # A text cache is Python bookkeeping that tracing would freeze into the graph (the first
+    # batch's shapes); the traced graph runs the encoder itself.
+    from vglaw.models.scratch import FrozenTextEncoder
+
+    cached = {m: m.cache_size for m in model.modules() if isinstance(m, FrozenTextEncoder)}
+    for m in cached:
+        m.cache_size = 0
     dynamic = {"images": {0: "batch"}, "input_ids": {0: "batch", 1: "tokens"},
                "attention_mask": {0: "batch", 1: "tokens"}}
     for name in names:
@@ -58,10 +67,14 @@ def export_onnx(source: str | Path, out: str | Path) -> Path:
     import io
 
     buffer = io.BytesIO()
-    with torch.no_grad():
-        torch.onnx.export(wrapper, (images, t["input_ids"], t["attention_mask"]), buffer, dynamo=False,
-                          input_names=["images", "input_ids", "attention_mask"], output_names=names,
-                          dynamic_axes=dynamic, opset_version=OPSET)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(wrapper, (images, t["input_ids"], t["attention_mask"]), buffer, dynamo=False,
+                              input_names=["images", "input_ids", "attention_mask"], output_names=names,
+                              dynamic_axes=dynamic, opset_version=OPSET)
+    finally:
+        for m, size in cached.items():
+            m.cache_size = size
     import onnx
 
     graph = onnx.load_from_string(buffer.getvalue())
@@ -73,6 +86,39 @@ def export_onnx(source: str | Path, out: str | Path) -> Path:
     with atomic_write(out) as f:
         f.write(graph.SerializeToString())
     return out
+
+
+def check_onnx(path: str | Path, model: nn.Module, tokenizer) -> dict[str, float]:
+    """Run the export and `model` on the same three expressions of different lengths and random
+    images, and return the largest |difference| of every output ("max_abs/<name>") and the share
+    of mask pixels decided differently at the mask threshold ("mask_disagreement", pixels within
+    1e-4 of the threshold left out). Raises RuntimeError when a box coordinate differs by more
+    than `BOX_TOLERANCE` or a mask pixel is decided differently."""
+    from vglaw.data.transforms import MASK_THRESHOLD
+
+    texts = ["the red circle", "the star left of the big blue square at the top", "a square"]
+    t = tokenizer(texts, padding=True, return_tensors="pt")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, model.img_size, model.img_size, generator=generator)
+    with torch.no_grad():
+        want = model.eval()(images, t["input_ids"], t["attention_mask"], return_attention=True)
+    got = OnnxModel(path)(images, t["input_ids"], t["attention_mask"], return_attention=True)
+    if set(got) != set(want):
+        raise RuntimeError(f"{path}: outputs {sorted(got)} but PyTorch gives {sorted(want)}")
+    report = {f"max_abs/{k}": float((got[k].float() - want[k].float()).abs().max()) for k in sorted(want)}
+    if "mask_logits" in want:
+        threshold = torch.logit(torch.tensor(MASK_THRESHOLD))
+        decided = (want["mask_logits"] - threshold).abs() > 1e-4
+        differ = (got["mask_logits"] > threshold) != (want["mask_logits"] > threshold)
+        report["mask_disagreement"] = float((differ & decided).float().mean())
+        if report["mask_disagreement"] > 0:
+            raise RuntimeError(f"{path}: ONNX Runtime decides {report['mask_disagreement']:.2e} of the mask "
+                               "pixels differently from PyTorch")
+    for key in ("boxes", "box_params"):
+        if report.get(f"max_abs/{key}", 0.0) > BOX_TOLERANCE:
+            raise RuntimeError(f"{path}: ONNX Runtime's {key} differ from PyTorch's by "
+                               f"{report[f'max_abs/{key}']:.2e} (> {BOX_TOLERANCE})")
+    return report
 
 
 class _Text:
@@ -91,9 +137,13 @@ class OnnxModel:
     Args:
         path: the .onnx file.
         threads: intra-op threads (None: ONNX Runtime's choice).
+        spin: let idle intra-op threads busy-wait for the next run (ONNX Runtime's default). Off
+            here: spinning threads take the cores from the PyTorch pre- and post-processing
+            between runs (side by side in one process, they slowed vglaw_small's PyTorch forward
+            from 16 to 41 ms).
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, spin: bool = False) -> None:
         import onnxruntime as ort
 
         path = Path(path)
@@ -102,6 +152,8 @@ class OnnxModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files

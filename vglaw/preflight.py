@@ -108,20 +108,28 @@ def check_run(subcommand: str, config) -> None:
                 problems.append(f"--ckpt_path: {err}")
     if subcommand == "fit":
         out = Path(trainer.default_root_dir or ".").expanduser()
-        parent = out
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not os.access(parent, os.W_OK):
-            problems.append(f"trainer.default_root_dir {out}: {parent} is not writable (checkpoints go there)")
+        problem = _folder_problem(out)
+        if problem:
+            problems.append(f"trainer.default_root_dir {out}: {problem} (checkpoints go there)")
         for logger in _loggers(trainer.logger):
             save_dir = Path(str(logger)).expanduser()
-            parent = save_dir
-            while not parent.exists() and parent != parent.parent:
-                parent = parent.parent
-            if not os.access(parent, os.W_OK):
-                problems.append(f"logger save_dir {save_dir}: {parent} is not writable")
+            problem = _folder_problem(save_dir)
+            if problem:
+                problems.append(f"logger save_dir {save_dir}: {problem}")
     if problems:
         raise PreflightError(problems)
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why files cannot be created in `folder` (made if missing), or None."""
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable"
+    return None
 
 
 def _loggers(logger) -> list[str]:

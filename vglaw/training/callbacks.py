@@ -88,14 +88,18 @@ class ExportModel(pl.Callback):
     folder `model/` beside the logs, for `vglaw predict` and `from_pretrained`."""
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.fast_dev_run or not trainer.is_global_zero or trainer.checkpoint_callback is None:
+        if trainer.fast_dev_run or trainer.checkpoint_callback is None:
+            return
+        # Every process asks: under DDP `log_dir` is a broadcast, which rank 0 alone would wait on.
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        if not trainer.is_global_zero:
             return
         ckpt = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
         if not ckpt or not Path(ckpt).is_file():
             return
         from vglaw.export import export_checkpoint
 
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "model"
+        out = Path(log_dir) / "model"
         export_checkpoint(ckpt, out)
         print(f"model folder written to {out} (from {Path(ckpt).name})")
 

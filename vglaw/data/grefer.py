@@ -114,13 +114,7 @@ class GReferDataset(ReferDataset):
                     continue
                 samples.append(GSample(len(samples), ref["ref_id"], sent.get("sent_id"), tuple(ids), image["id"],
                                        text, self.image_dir / image["file_name"], boxes))
-        self.problems = problems
-        if problems:
-            import warnings
-
-            self.skipped += len(problems)
-            warnings.warn(f"{self.dataset} {self.split}: skipped {len(problems)} bad samples; first: {problems[0]}",
-                          stacklevel=2)
+        self._report_skipped(problems)
         return samples
 
     def load(self, index: int) -> dict:

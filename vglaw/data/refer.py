@@ -372,12 +372,16 @@ class ReferDataset:
                     continue
                 samples.append(Sample(len(samples), ref["ref_id"], sent.get("sent_id"), ann["id"], image["id"],
                                       text, self.image_dir / image["file_name"], (x, y, w, h)))
+        self._report_skipped(problems)
+        return samples
+
+    def _report_skipped(self, problems: list[str]) -> None:
+        """Keep the skipped samples' problems, count them and warn once (`skip_invalid`)."""
         self.problems = problems
         if problems:
             self.skipped += len(problems)
             warnings.warn(f"{self.dataset} {self.split}: skipped {len(problems)} bad samples; first: {problems[0]}",
-                          stacklevel=2)
-        return samples
+                          stacklevel=3)
 
     def __len__(self) -> int:
         return len(self.samples)

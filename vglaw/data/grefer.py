@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from vglaw.data.refer import ReferDataset, ann_to_mask, segmentation_problem
-from vglaw.data.text import clean_text
 from vglaw.errors import UsageError
 
 
@@ -105,14 +104,8 @@ class GReferDataset(ReferDataset):
                 self._reject(bad, problems)
                 continue
             boxes = tuple(tuple(float(v) for v in a["bbox"]) for a in anns)
-            for sent in ref["sentences"]:
-                text = clean_text(sent.get("sent", "")) if isinstance(sent, dict) else ""
-                if not text:
-                    sent_id = sent.get("sent_id") if isinstance(sent, dict) else None
-                    self._reject(f"sentence {sent_id} of ref {ref['ref_id']} in {refs_path} is empty (or only control "
-                                 "or invisible characters)", problems)
-                    continue
-                samples.append(GSample(len(samples), ref["ref_id"], sent.get("sent_id"), tuple(ids), image["id"],
+            for sent_id, text in self._sentences(ref, refs_path, problems):
+                samples.append(GSample(len(samples), ref["ref_id"], sent_id, tuple(ids), image["id"],
                                        text, self.image_dir / image["file_name"], boxes))
         self._report_skipped(problems)
         return samples

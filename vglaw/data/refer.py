@@ -95,22 +95,12 @@ def _to_uint8(img: Image.Image, path: Path) -> np.ndarray:
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if img.mode.startswith("I;16"):
         peak = 65535.0
-    elif img.mode == "F":
-        if lo >= 0 and hi <= 1:
-            peak = 1.0
-        elif lo >= 0 and hi <= 255:
-            peak = 255.0
-        else:
-            raise BadSampleError(f"cannot use image {path}: float pixels in [{lo:g}, {hi:g}], expected [0, 1] "
-                                 "or [0, 255]; save it as an 8-bit image")
-    else:  # "I": 32-bit integers
-        if lo >= 0 and hi <= 255:
-            peak = 255.0
-        elif lo >= 0 and hi <= 65535:
-            peak = 65535.0
-        else:
-            raise BadSampleError(f"cannot use image {path}: 32-bit pixels in [{lo:g}, {hi:g}], outside 8- or 16-bit "
-                                 "range; save it as an 8-bit image")
+    else:  # "F" (floats, in [0, 1] or [0, 255]) or "I" (32-bit integers, in 8- or 16-bit range)
+        kind, peaks = ("float", (1.0, 255.0)) if img.mode == "F" else ("32-bit", (255.0, 65535.0))
+        peak = next((p for p in peaks if lo >= 0 and hi <= p), None)
+        if peak is None:
+            raise BadSampleError(f"cannot use image {path}: {kind} pixels in [{lo:g}, {hi:g}], expected [0, "
+                                 f"{peaks[0]:g}] or [0, {peaks[1]:g}]; save it as an 8-bit image")
     arr = np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
     return np.repeat(arr[..., None], 3, axis=2)
 
@@ -363,17 +353,23 @@ class ReferDataset:
             if problem:
                 self._reject(f"annotation {ann['id']} (ref {ref['ref_id']}) in {inst_path}: {problem}", problems)
                 continue
-            for sent in ref["sentences"]:
-                text = clean_text(sent.get("sent", "")) if isinstance(sent, dict) else ""
-                if not text:
-                    sent_id = sent.get("sent_id") if isinstance(sent, dict) else None
-                    self._reject(f"sentence {sent_id} of ref {ref['ref_id']} is empty (or only control or invisible "
-                                 "characters)", problems)
-                    continue
-                samples.append(Sample(len(samples), ref["ref_id"], sent.get("sent_id"), ann["id"], image["id"],
+            for sent_id, text in self._sentences(ref, refs_path, problems):
+                samples.append(Sample(len(samples), ref["ref_id"], sent_id, ann["id"], image["id"],
                                       text, self.image_dir / image["file_name"], (x, y, w, h)))
         self._report_skipped(problems)
         return samples
+
+    def _sentences(self, ref: dict, refs_path: Path, problems: list[str]):
+        """(sent_id, cleaned text) of each of `ref`'s sentences; an empty one (or one of control
+        and invisible characters only) is rejected (`_reject`)."""
+        for sent in ref["sentences"]:
+            text = clean_text(sent.get("sent", "")) if isinstance(sent, dict) else ""
+            sent_id = sent.get("sent_id") if isinstance(sent, dict) else None
+            if not text:
+                self._reject(f"sentence {sent_id} of ref {ref['ref_id']} in {refs_path} is empty (or only "
+                             "control or invisible characters)", problems)
+                continue
+            yield sent_id, text
 
     def _report_skipped(self, problems: list[str]) -> None:
         """Keep the skipped samples' problems, count them and warn once (`skip_invalid`)."""

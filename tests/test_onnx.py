@@ -18,8 +18,8 @@ def _compare(name, tmp_path, tokenizer, size):
     with torch.no_grad():  # a live language update, so the weight generation is exercised
         model.weight_generator.phi_weight.normal_(0, 0.5)
     model.save_pretrained(tmp_path / "m")
-    path = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
-    report = check_onnx(path, model, tokenizer)
+    path, report = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
+    assert report == check_onnx(path, model, tokenizer)  # the file is what was checked
     assert report["max_abs/boxes"] <= 1e-4 and report["mask_disagreement"] == 0
     for key in ("lang_attention", "lap_attention"):
         assert report[f"max_abs/{key}"] <= 1e-4
@@ -38,17 +38,31 @@ def test_onnx_equals_pytorch_tiny(tmp_path, tokenizer):
 
 
 def test_onnx_of_a_generalised_cached_model_keeps_its_calibrated_scores(tmp_path, tokenizer):
-    from vglaw.onnx import check_onnx, export_onnx
+    from vglaw.onnx import export_onnx
 
     torch.manual_seed(0)
     # with the text cache the demo configs use: tracing must not freeze it into the graph
     model = vglaw.create_model("vglaw_tiny_scratch_gref", text_cache_size=100).eval()
     model.centre_head.score_calibration.copy_(torch.tensor([2.5, 0.7]))
     model.save_pretrained(tmp_path / "m")
-    report = check_onnx(export_onnx(tmp_path / "m", tmp_path / "m.onnx"), model, tokenizer)
+    _, report = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
     for key in ("centre_logits", "score_logits", "box_params", "exist_logits"):
         assert report[f"max_abs/{key}"] <= 1e-4, key
     assert report["mask_disagreement"] == 0
+
+
+def test_an_export_that_fails_its_check_writes_nothing(tmp_path, monkeypatch):
+    import vglaw.onnx
+
+    vglaw.create_model("vglaw_tiny").save_pretrained(tmp_path / "m")
+
+    def failing_check(*args, **kwargs):
+        raise RuntimeError("boxes differ")
+
+    monkeypatch.setattr(vglaw.onnx, "check_onnx", failing_check)
+    with pytest.raises(RuntimeError, match="boxes differ"):
+        vglaw.onnx.export_onnx(tmp_path / "m", tmp_path / "m.onnx")
+    assert list(tmp_path.glob("*.onnx*")) == [] and list(tmp_path.glob(".m.onnx*")) == []
 
 
 @pytest.mark.slow

@@ -37,8 +37,11 @@ class _Exported(nn.Module):
         return tuple(out[k] for k in self.names)
 
 
-def export_onnx(source: str | Path, out: str | Path) -> Path:
-    """Export a model folder, hub id or training checkpoint to `out` (an .onnx file), atomically."""
+def export_onnx(source: str | Path, out: str | Path, check: bool = True) -> tuple[Path, dict[str, float]]:
+    """Export a model folder, hub id or training checkpoint to `out` (an .onnx file), atomically.
+    With `check`, the graph is run against the PyTorch model (`check_onnx`) before anything is
+    written, so a failing export leaves no file. Returns the path and the check's report ({}
+    without it)."""
     from vglaw.atomic import atomic_write
     from vglaw.inference import load_model
     from vglaw.models.text_encoder import load_tokenizer
@@ -83,16 +86,20 @@ def export_onnx(source: str | Path, out: str | Path) -> Path:
             "vglaw_outputs": json.dumps(names), "vglaw_source": str(source)}
     for k, v in meta.items():
         graph.metadata_props.add(key=k, value=v)
+    data = graph.SerializeToString()
+    report = check_onnx(data, model, tokenizer, name=str(out)) if check else {}
     with atomic_write(out) as f:
-        f.write(graph.SerializeToString())
-    return out
+        f.write(data)
+    return out, report
 
 
-def check_onnx(path: str | Path, model: nn.Module, tokenizer) -> dict[str, float]:
-    """Run the export and `model` on the same three expressions of different lengths and random
-    images, and return the largest |difference| of every output ("max_abs/<name>") and the share
-    of mask pixels decided differently at the mask threshold ("mask_disagreement", pixels within
-    1e-4 of the threshold left out). Raises RuntimeError when a box coordinate differs by more
+def check_onnx(onnx_model: str | Path | bytes, model: nn.Module, tokenizer,
+               name: str | None = None) -> dict[str, float]:
+    """Run the export (a file or the serialised graph; `name` names it in errors) and `model` on
+    the same three expressions of different lengths and random images, and return the largest
+    |difference| of every output ("max_abs/<name>") and the share of mask pixels decided
+    differently at the mask threshold ("mask_disagreement", pixels within 1e-4 of the threshold
+    left out). Raises RuntimeError when a box coordinate differs by more
     than `BOX_TOLERANCE` or a mask pixel is decided differently."""
     from vglaw.data.transforms import MASK_THRESHOLD
 
@@ -102,7 +109,8 @@ def check_onnx(path: str | Path, model: nn.Module, tokenizer) -> dict[str, float
     images = torch.randn(3, 3, model.img_size, model.img_size, generator=generator)
     with torch.no_grad():
         want = model.eval()(images, t["input_ids"], t["attention_mask"], return_attention=True)
-    got = OnnxModel(path)(images, t["input_ids"], t["attention_mask"], return_attention=True)
+    path = name or (onnx_model if not isinstance(onnx_model, bytes) else "the ONNX graph")
+    got = OnnxModel(onnx_model)(images, t["input_ids"], t["attention_mask"], return_attention=True)
     if set(got) != set(want):
         raise RuntimeError(f"{path}: outputs {sorted(got)} but PyTorch gives {sorted(want)}")
     report = {f"max_abs/{k}": float((got[k].float() - want[k].float()).abs().max()) for k in sorted(want)}
@@ -135,7 +143,7 @@ class OnnxModel:
     of tensors out), so `Grounder` and everything after it is shared.
 
     Args:
-        path: the .onnx file.
+        path: the .onnx file (or the serialised graph itself).
         threads: intra-op threads (None: ONNX Runtime's choice).
         spin: let idle intra-op threads busy-wait for the next run (ONNX Runtime's default). Off
             here: spinning threads take the cores from the PyTorch pre- and post-processing
@@ -143,11 +151,12 @@ class OnnxModel:
             from 16 to 41 ms).
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None, spin: bool = False) -> None:
+    def __init__(self, path: str | Path | bytes, threads: int | None = None, spin: bool = False) -> None:
         import onnxruntime as ort
 
-        path = Path(path)
-        if not path.is_file():
+        graph = path if isinstance(path, bytes) else None
+        path = Path("<in memory>") if graph is not None else Path(path)
+        if graph is None and not path.is_file():
             raise MissingFileError(f"ONNX model not found: {path}")
         options = ort.SessionOptions()
         if threads:
@@ -155,7 +164,8 @@ class OnnxModel:
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(graph if graph is not None else str(path), options,
+                                                providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files
             raise UsageError(f"{path}: not a usable ONNX model ({str(err).splitlines()[0][:160]})") from err
         meta = self.session.get_modelmeta().custom_metadata_map

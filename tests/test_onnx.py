@@ -80,6 +80,12 @@ def test_predict_through_onnxruntime_equals_pytorch(tiny_ckpt, shapes_root, tmp_
         assert main(["predict", "--image", str(image), "--text", "the red circle", "--text", "a big star",
                      "--model", str(source), "--out", str(tmp_path / "o.png"), "--json"]) == 0
         reports.append(json.loads(capsys.readouterr().out)["results"])
+    from vglaw.inference import Grounder
+
+    # an ONNX model runs on ONNX Runtime's CPU provider whatever device was asked for
+    onnx_grounder = Grounder(tmp_path / "model.onnx", device="cuda")
+    assert onnx_grounder.device.type == "cpu"
+    assert onnx_grounder.predict(str(image), ["the red circle"])[0]["box"] == reports[1][0]["box"]
     for a, b in zip(*reports):
         assert a["box"] == pytest.approx(b["box"], abs=0.05)  # original pixels, rounded to 0.01
         assert a["mask_area"] == pytest.approx(b["mask_area"], abs=2)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from vglaw.data.refer import load_image
-from vglaw.data.text import check_expression, real_token_counts, tokenize
+from vglaw.data.text import check_expression, real_token_counts, tokenize, warn_truncated
 from vglaw.data.transforms import GroundingTransform, to_original
 from vglaw.errors import MissingFileError, UsageError
 from vglaw.models.text_encoder import MAX_TOKENS, load_tokenizer
@@ -36,25 +36,25 @@ class CheckpointError(UsageError):
 def model_from_checkpoint(path: str | Path):
     """Rebuild the model of a Lightning training checkpoint and load its weights strictly,
     without unpickling anything but tensors and plain data."""
-    from vglaw.models import create_model
     from vglaw.models.checkpoint import state_dict_problems
+    from vglaw.models.factory import TRAINING_MODEL_ARGS, model_from_hparams
     from vglaw.safe_pickle import load_torch_file
 
     state = load_torch_file(path, "checkpoint")
     hp = state.get("hyper_parameters") if isinstance(state, dict) else None
     if not isinstance(hp, dict) or "variant" not in hp or not isinstance(state.get("state_dict"), dict):
         raise CheckpointError(f"{path} is not a vglaw training checkpoint (no hyper_parameters.variant / state_dict)")
-    extra = {"seg_classes": hp["seg_classes"]} if hp.get("seg_classes") else {}
-    args = dict(img_size=hp.get("img_size", 448), text_encoder=hp.get("text_encoder", "minilm"),
-                task=hp.get("task", "both"), **(hp.get("model_args") or {}), **extra)
+    missing = [k for k in TRAINING_MODEL_ARGS if k not in hp]
+    if missing:
+        raise CheckpointError(f"{path}: hyper_parameters lack {', '.join(missing)} (not written by `vglaw fit`)")
     try:
-        model = create_model(hp["variant"], text_pretrained=False, **args)
+        model = model_from_hparams(hp, text_pretrained=False)
     except KeyError as err:
         raise CheckpointError(f"{path}: {err.args[0]}") from err
     except TypeError as err:
         raise CheckpointError(f"{path} was saved by another configuration of vglaw: {err}") from err
     except OSError as err:  # transformers cannot find the text encoder's config
-        raise MissingFileError(f"{path} needs the text encoder {args['text_encoder']!r}, which is not available "
+        raise MissingFileError(f"{path} needs the text encoder {hp['text_encoder']!r}, which is not available "
                                f"here ({str(err).splitlines()[0][:120]}); make a model folder with `vglaw export` "
                                "where it is, or put it in the Hugging Face cache") from err
     model.init_args["text_pretrained"] = True  # what a re-built model should do
@@ -127,7 +127,7 @@ class Grounder:
 
     def __init__(self, model: Any, device: str | torch.device = "cpu", max_tokens: int = MAX_TOKENS) -> None:
         self.model = load_model(model, device)
-        self.device = torch.device(device)
+        self.device = getattr(self.model, "device", None) or torch.device(device)  # an ONNX model says its own
         self.img_size = self.model.img_size
         self.tokenizer = load_tokenizer(self.model.text.source)
         self.max_tokens = max_tokens
@@ -136,8 +136,10 @@ class Grounder:
     def prepare(self, image: np.ndarray, size: tuple[int, int], text: str) -> Prepared:
         """Letterbox a working-size image; the records map back to the original `size`."""
         text = check_expression(text)
-        if real_token_counts(self.tokenizer, [text])[0][0] == 0:
+        (real,), (length,) = real_token_counts(self.tokenizer, [text])
+        if real == 0:
             raise UsageError(f"expression {text!r} has no word the text encoder knows (only unknown symbols)")
+        warn_truncated([text], [length], self.max_tokens, stacklevel=3)
         sample = self.transform({"image": image, "text": text})
         new_w, new_h = (float(v) for v in sample["scale"] * torch.tensor(image.shape[1::-1], dtype=torch.float32))
         sample["scale"] = torch.tensor([new_w / size[1], new_h / size[0]], dtype=torch.float32)
@@ -148,7 +150,7 @@ class Grounder:
     def run(self, items: list[Prepared], return_attention: bool = False) -> list[dict]:
         """One batched forward pass over prepared pairs."""
         texts = [p.text for p in items]
-        tokens = tokenize(self.tokenizer, texts, self.max_tokens)
+        tokens = tokenize(self.tokenizer, texts, self.max_tokens, warn=False, check=False)  # `prepare` did both
         images = torch.stack([p.sample["image"] for p in items]).to(self.device)
         outputs = self.model(images, tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device),
                              return_attention=return_attention)
@@ -167,7 +169,7 @@ class Grounder:
                 from vglaw.models.generalised import EXIST_THRESHOLD
 
                 r["exists"] = round(float(pred["exists"][i]), 4)
-                r["no_target"] = r["exists"] < EXIST_THRESHOLD
+                r["no_target"] = bool(pred["exists"][i] < EXIST_THRESHOLD)  # as `to_original` gated, unrounded
                 r["boxes"] = [[round(v, 2) for v in b] for b in pred["box_sets"][i].tolist()]
                 r["box_scores"] = [round(v, 4) for v in pred["box_set_scores"][i].tolist()]
             if return_attention:

@@ -175,6 +175,7 @@ class OnnxModel:
         self.text = _Text(meta["vglaw_text_encoder"])
         self.names = json.loads(meta["vglaw_outputs"])
         self.source = str(path)
+        self.device = torch.device("cpu")  # ONNX Runtime's CPU provider: inputs go and outputs come back here
 
     def eval(self) -> OnnxModel:
         return self

@@ -41,7 +41,16 @@ def real_token_counts(tokenizer, texts: list[str]) -> tuple[list[int], list[int]
     return [sum(t != unk for t in row) for row in ids], [len(row) for row in ids]
 
 
-def tokenize(tokenizer, texts: list[str], max_tokens: int, warn: bool = True) -> dict[str, torch.Tensor]:
+def warn_truncated(texts: list[str], lengths: list[int], max_tokens: int, stacklevel: int = 2) -> None:
+    """Warn for each expression whose `lengths` (tokens, special ones excluded) exceed `max_tokens`."""
+    for text, n in zip(texts, lengths):
+        if n + 2 > max_tokens:
+            warnings.warn(f"expression {text[:60]!r}{'...' if len(text) > 60 else ''} has {n + 2} tokens; truncated "
+                          f"to {max_tokens} (the model reads at most {max_tokens})", stacklevel=stacklevel)
+
+
+def tokenize(tokenizer, texts: list[str], max_tokens: int, warn: bool = True,
+             check: bool = True) -> dict[str, torch.Tensor]:
     """Token ids and attention mask (B, L <= max_tokens), `[CLS]` first.
 
     Raises:
@@ -49,14 +58,13 @@ def tokenize(tokenizer, texts: list[str], max_tokens: int, warn: bool = True) ->
     Warns:
         when an expression is longer than `max_tokens` (special tokens included) and is truncated.
     """
-    real, lengths = real_token_counts(tokenizer, texts)
-    for text, n in zip(texts, real):
-        if n == 0:
-            raise UsageError(f"expression {text!r} has no word the text encoder knows (only unknown symbols)")
+    if check or warn:
+        real, lengths = real_token_counts(tokenizer, texts)
+    if check:
+        for text, n in zip(texts, real):
+            if n == 0:
+                raise UsageError(f"expression {text!r} has no word the text encoder knows (only unknown symbols)")
     if warn:
-        long = [(t, n + 2) for t, n in zip(texts, lengths) if n + 2 > max_tokens]
-        for text, n in long:
-            warnings.warn(f"expression {text[:60]!r}{'...' if len(text) > 60 else ''} has {n} tokens; truncated to "
-                          f"{max_tokens} (the model reads at most {max_tokens})", stacklevel=2)
+        warn_truncated(texts, lengths, max_tokens, stacklevel=3)
     out = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
     return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}

@@ -85,3 +85,15 @@ def create_model(name: str = "vglaw_vitb", visual_weights: str | None = None, **
 
         load_visual_weights(model.backbone, visual_weights)
     return model
+
+
+TRAINING_MODEL_ARGS = ("variant", "img_size", "text_encoder", "task")  # hyper-parameters every run records
+
+
+def model_from_hparams(hp: dict[str, Any], text_pretrained: bool = True) -> VGLAW:
+    """The model of a training run (`VGLAWModule`'s hyper-parameters: variant, img_size,
+    text_encoder, task, model_args, seg_classes): the one mapping shared by training and by
+    loading its checkpoints."""
+    extra = {"seg_classes": hp["seg_classes"]} if hp.get("seg_classes") else {}
+    return create_model(hp["variant"], img_size=hp["img_size"], text_encoder=hp["text_encoder"], task=hp["task"],
+                        text_pretrained=text_pretrained, **(hp.get("model_args") or {}), **extra)

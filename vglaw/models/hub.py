@@ -58,16 +58,15 @@ class ModelFolderMixin(
         return super().save_pretrained(save_directory, **kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         from vglaw.atomic import atomic_write
 
         skip_text = self._text_from_package()
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                  if not (skip_text and k.startswith("text."))}
-        tmp = save_directory / f".{WEIGHTS}.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, save_directory / WEIGHTS)
+        with atomic_write(save_directory / WEIGHTS) as f:
+            f.write(save(state, metadata={"format": "pt"}))
         if not skip_text:
             from vglaw.models.text_encoder import load_tokenizer
 

@@ -4,8 +4,10 @@ GREC keeps the boxes scoring at least 0.7, so the score must mean what the thres
 the probability that the box is a correct referent. The centre map's peaks are not that (the
 penalty-reduced focal loss keeps them low: on the gshapes demo the median correct peak was
 0.69). At each validation the module collects every centre peak of the first validation split
-with its label, 1 when its box matches a referred object (greedy one-to-one in score order,
-generalised IoU >= 0.5, original pixels, as GREC matches) and 0 otherwise, and fits
+with its label, 1 when its box matches a referred object (generalised IoU >= 0.5 and one
+target per box, GREC's match criterion, original pixels; peaks take targets best score first,
+so a duplicate of a found object counts as wrong, as an extra box does in GREC) and 0
+otherwise, and fits
 score = sigmoid(a * centre_logit + b). The fit goes into `CentreBoxHead.score_calibration`, so
 the checkpoint saved after that validation carries it; test data never takes part.
 """

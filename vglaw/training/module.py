@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from vglaw.data.transforms import to_original
 from vglaw.errors import UsageError
-from vglaw.models import create_model
+from vglaw.models.factory import model_from_hparams
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER
 from vglaw.training.gmetrics import GeneralisedMetrics
 from vglaw.training.losses import grounding_loss
@@ -82,9 +82,7 @@ class VGLAWModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        extra = {"seg_classes": seg_classes} if seg_classes else {}
-        self.model = create_model(variant, img_size=img_size, text_encoder=text_encoder, task=task,
-                                  **(model_args or {}), **extra)
+        self.model = model_from_hparams(self.hparams)
         if visual_weights is not None:
             from vglaw.models.checkpoint import load_visual_weights
 

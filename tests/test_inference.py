@@ -305,3 +305,25 @@ def test_serve_requests_take_turns_keep_their_results_and_explain_bad_input(tiny
     overlay, report, figures, note = ground(grounder, lock, str(big), "the red circle", True)
     assert "5000x3000" in note and report["width"] == 5000 and report["height"] == 3000
     assert len(figures) == 1 and max(overlay.size) <= 2048  # drawn at the working size
+
+
+def test_an_image_in_memory_is_converted_as_the_same_file_would_be(tmp_path):
+    """RGBA on white, grey to RGB, 16-bit by its range, large ones shrunk: whether the picture
+    arrives as a file, a PIL image or an array."""
+    from PIL import Image
+
+    from vglaw.inference import WORKING_SIDE, prepare_image
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (30, 40, 4), dtype=np.uint8)
+    grey16 = Image.fromarray(rng.integers(0, 65536, (30, 40), dtype=np.uint16))
+    wide = rng.integers(0, 256, (10, WORKING_SIDE + 500, 3), dtype=np.uint8)
+    pictures = (("rgba.png", Image.fromarray(rgba)), ("grey16.png", grey16), ("wide.png", Image.fromarray(wide)))
+    for name, picture in pictures:
+        picture.save(tmp_path / name)
+        from_file = prepare_image(tmp_path / name)
+        assert from_file[0].shape[2] == 3 and from_file[0].dtype == np.uint8
+        for other in (picture, np.asarray(picture)) if picture.mode != "I;16" else (picture,):
+            got = prepare_image(other)
+            assert got[1] == from_file[1] and np.array_equal(got[0], from_file[0]), name
+    assert prepare_image(wide)[0].shape[1] == WORKING_SIDE

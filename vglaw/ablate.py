@@ -43,7 +43,7 @@ def ablate(model, dataset, batch_size: int = 32, limit: int | None = None, progr
 
     from vglaw.data.datamodule import Collate
     from vglaw.data.transforms import to_original
-    from vglaw.training.metrics import GroundingMetrics, box_iou_pairwise
+    from vglaw.training.metrics import GroundingMetrics, measure_predictions
 
     source = Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, collate_fn=Collate(model.text.source))
@@ -65,14 +65,7 @@ def ablate(model, dataset, batch_size: int = 32, limit: int | None = None, progr
         for key, (qkv, sentence) in runs.items():
             outputs = model.ground(images, qkv, sentence)
             pred = to_original(outputs, batch["scale"], batch["pad"], batch["orig_size"], model.img_size)
-            update = {}
-            if "boxes" in pred:
-                update["box_iou"] = box_iou_pairwise(pred["boxes"].cpu(), batch["orig_boxes"])
-            if "masks" in pred:
-                gts = [g.bool() for g in batch["orig_masks"]]
-                update["inter"] = torch.stack([(m.cpu() & g).sum() for m, g in zip(pred["masks"], gts)])
-                update["union"] = torch.stack([(m.cpu() | g).sum() for m, g in zip(pred["masks"], gts)])
-            metrics[key].update(batch["index"], **update)
+            metrics[key].update(batch["index"], **{k: v.cpu() for k, v in measure_predictions(pred, batch).items()})
     return {name: {k: float(v) for k, v in metrics[key].compute().items()} for name, key in CONDITIONS.items()}
 
 

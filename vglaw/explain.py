@@ -10,14 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from vglaw.data.transforms import resize_mask_nearest
+from vglaw.plots import pyplot
 
 
 def pooling_map_on_image(lap: np.ndarray, letterbox: dict, image_shape: tuple[int, int], img_size: int,
@@ -43,7 +37,7 @@ def explain_figure(image: np.ndarray, result: dict, path: str | Path, img_size: 
     """Write the three-panel PNG (`build_explain_figure`) for one result."""
     from vglaw.atomic import atomic_write
 
-    plt = _figure()
+    plt = pyplot()
     fig = build_explain_figure(image, result, img_size)
     path = Path(path)
     with atomic_write(path) as f:
@@ -63,7 +57,7 @@ def build_explain_figure(image: np.ndarray, result: dict, img_size: int):
     Returns:
         a 15 x 4.8 inch figure whose first three axes are the panels (a), (b), (c).
     """
-    plt = _figure()
+    plt = pyplot()
     h0, w0 = result["size"]
     H, W = image.shape[:2]
     fx, fy = W / w0, H / h0
@@ -92,9 +86,7 @@ def build_explain_figure(image: np.ndarray, result: dict, img_size: int):
     ax = axes[2]
     ax.imshow(image)
     if "mask" in result:
-        ys = ((np.arange(H) + 0.5) * result["mask"].shape[0] / H).astype(int)
-        xs = ((np.arange(W) + 0.5) * result["mask"].shape[1] / W).astype(int)
-        mask = result["mask"][ys][:, xs]  # nearest, without a full-size copy
+        mask = resize_mask_nearest(result["mask"], H, W)
         overlay = np.zeros((H, W, 4), dtype=np.float32)
         overlay[mask] = (0.9, 0.1, 0.3, 0.5)
         ax.imshow(overlay)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vglaw.data.refer import load_image
+from vglaw.data.refer import load_image, rgb_array
 from vglaw.data.text import check_expression, real_token_counts, tokenize, warn_truncated
 from vglaw.data.transforms import GroundingTransform, to_original
 from vglaw.errors import MissingFileError, UsageError
@@ -101,19 +101,13 @@ def prepare_image(image: Any) -> tuple[np.ndarray, tuple[int, int]]:
     original (h, w). Paths are read with their EXIF orientation."""
     if isinstance(image, (str, Path)):
         return load_image(image, exif_transpose=True, max_side=WORKING_SIDE)
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
-        raise UsageError(f"expected an (H, W, 3) uint8 image, got {array.dtype} of shape {array.shape}")
-    size = array.shape[:2]
-    if max(size) > WORKING_SIDE:
-        ratio = WORKING_SIDE / max(size)
-        small = (max(1, round(size[1] * ratio)), max(1, round(size[0] * ratio)))
-        array = np.asarray(Image.fromarray(array[..., :3]).resize(small, Image.BILINEAR, reducing_gap=2.0))
-    return np.ascontiguousarray(array[..., :3]), size
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)) or array.dtype != np.uint8:
+            raise UsageError(f"expected an (H, W, 3) uint8 image, got {array.dtype} of shape {array.shape}")
+        image = Image.fromarray(np.ascontiguousarray(array))
+    # the same conversion as an image read from a file (transparency on white, high bit depths)
+    return np.ascontiguousarray(rgb_array(image, "the image", WORKING_SIDE)), (image.height, image.width)
 
 
 class Grounder:

@@ -6,6 +6,25 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_image(fig):
+    """A drawn matplotlib figure as an RGB PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    fig.canvas.draw()
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+
+
 def read_metrics(csv_path: str | Path) -> dict[str, list[tuple[float, float]]]:
     """Lightning CSVLogger metrics.csv -> {column: [(step, value), ...]} (empty cells skipped)."""
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -25,12 +44,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: str | Path, t
     Raises:
         ValueError: no point to plot.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from vglaw.atomic import atomic_write
+
+    plt = pyplot()
 
     if not any(series.values()):
         raise ValueError(f"nothing to plot for {title!r}")

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from vglaw.atomic import atomic_write, image_format, save_image
+from vglaw.data.transforms import resize_mask_nearest
 from vglaw.errors import MissingFileError, UsageError
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
@@ -38,11 +39,7 @@ def draw_overlay(image: np.ndarray, results: list[dict]) -> Image.Image:
     canvas = image.astype(np.float32)
     for k, r in enumerate(results):
         if r.get("mask") is not None and r["mask"].any():
-            mask = r["mask"]
-            if mask.shape != (H, W):  # nearest pixel centres, without copying the full-size mask
-                ys = ((np.arange(H) + 0.5) * mask.shape[0] / H).astype(int)
-                xs = ((np.arange(W) + 0.5) * mask.shape[1] / W).astype(int)
-                mask = mask[ys][:, xs]
+            mask = resize_mask_nearest(r["mask"], H, W)
             colour = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
             canvas[mask] = 0.5 * canvas[mask] + 0.5 * colour
     out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))

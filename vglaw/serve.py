@@ -15,8 +15,6 @@ import json
 import threading
 from pathlib import Path
 
-import numpy as np
-
 from vglaw.errors import UsageError, UserError
 
 
@@ -50,7 +48,6 @@ def demo_examples(model, data_root: str | Path, n: int = 3) -> list[list[str]]:
 
 def ground(grounder, lock: threading.Lock, image_path: str | None, texts: str, explain: bool) -> tuple:
     """One request: (overlay, JSON results, explanation figures, a note), or a `UserError`."""
-    from PIL import Image
 
     from vglaw.data.text import check_expression
     from vglaw.inference import WORKING_SIDE, prepare_image
@@ -74,13 +71,13 @@ def ground(grounder, lock: threading.Lock, image_path: str | None, texts: str, e
     report = {"width": size[1], "height": size[0], "box_format": "xyxy", "results": [result_json(r) for r in results]}
     figures = []
     if explain:
-        from vglaw.explain import _figure, build_explain_figure
+        from vglaw.explain import build_explain_figure
+        from vglaw.plots import figure_image, pyplot
 
-        plt = _figure()
+        plt = pyplot()
         for r in results:
             fig = build_explain_figure(array, r, grounder.img_size)
-            fig.canvas.draw()
-            figures.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()))
+            figures.append(figure_image(fig))
             plt.close(fig)
     return overlay, report, figures, note
 

@@ -83,7 +83,7 @@ class Sample:
 MAX_IMAGE_PIXELS = 250_000_000  # images above this are refused (a 16k x 16k photo is 268 MP)
 
 
-def _to_uint8(img: Image.Image, path: Path) -> np.ndarray:
+def _to_uint8(img: Image.Image, path: str | Path) -> np.ndarray:
     """A single-channel 16-bit, 32-bit integer or float image as (H, W, 3) uint8, or refused.
 
     16-bit images use their full range; 32-bit integers must hold 8- or 16-bit values; floats
@@ -140,23 +140,28 @@ def load_image(path: str | Path, exif_transpose: bool = False,
             img.load()
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
-            if max_side and max(img.size) > max_side:
-                ratio = max_side / max(img.size)
-                size = (max(1, round(img.width * ratio)), max(1, round(img.height * ratio)))
-                img = img.resize(size, Image.BILINEAR, reducing_gap=2.0)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                return _to_uint8(img, path), (h, w)
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                img = img.convert("RGBA")
-                bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(bg, img)
-            return np.asarray(img.convert("RGB")), (h, w)
+            return rgb_array(img, path, max_side), (h, w)
     except BadSampleError:
         raise
     except FileNotFoundError as err:
         raise BadSampleError(f"image not found: {path}") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadSampleError(f"cannot read image {path}: {err}") from err
+
+
+def rgb_array(img: Image.Image, source: str | Path, max_side: int | None = None) -> np.ndarray:
+    """A loaded PIL image -> (H, W, 3) uint8, at most `max_side` on its longer side: 16-bit, 32-bit
+    and float pixels mapped by their range (`_to_uint8`), transparency composited on white. The
+    one conversion for files and for images handed over in memory."""
+    if max_side and max(img.size) > max_side:
+        ratio = max_side / max(img.size)
+        size = (max(1, round(img.width * ratio)), max(1, round(img.height * ratio)))
+        img = img.resize(size, Image.BILINEAR, reducing_gap=2.0)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _to_uint8(img, source)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    return np.asarray(img.convert("RGB"))
 
 
 def read_instances(path: Path) -> dict:

@@ -105,6 +105,16 @@ def mask_to_original(logits: Tensor, scale: Tensor, pad: Tensor, orig_size: Tens
     return mask, score
 
 
+def resize_mask_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A boolean (h, w) mask at (height, width), nearest pixel centres, without building anything
+    of the original's size (for drawing a full-resolution mask on a working-size picture)."""
+    if mask.shape == (height, width):
+        return mask
+    ys = ((np.arange(height) + 0.5) * mask.shape[0] / height).astype(int)
+    xs = ((np.arange(width) + 0.5) * mask.shape[1] / width).astype(int)
+    return mask[ys][:, xs]
+
+
 def to_original(outputs: dict[str, Tensor], scale: Tensor, pad: Tensor, orig_size: Tensor,
                 img_size: int) -> dict[str, list]:
     """The model's outputs in original-image pixels: the one place metrics and prediction share.

@@ -70,3 +70,16 @@ class GroundingMetrics(Metric):
                 out[f"mask_prec@{t}"] = (iou >= t).double().mean()
             out["n"] = torch.tensor(float(iou.numel()))
         return out
+
+
+def measure_predictions(pred: dict, batch: dict) -> dict[str, Tensor]:
+    """`GroundingMetrics.update` values of one batch: per-sentence box IoU and mask intersection /
+    union, from `to_original`'s predictions and the batch's original-pixel targets."""
+    out: dict[str, Tensor] = {}
+    if "boxes" in pred:
+        out["box_iou"] = box_iou_pairwise(pred["boxes"], batch["orig_boxes"].to(pred["boxes"]))
+    if "masks" in pred:
+        gts = [gt.to(m.device).bool() for m, gt in zip(pred["masks"], batch["orig_masks"])]
+        out["inter"] = torch.stack([(m & gt).sum() for m, gt in zip(pred["masks"], gts)])
+        out["union"] = torch.stack([(m | gt).sum() for m, gt in zip(pred["masks"], gts)])
+    return out

@@ -18,7 +18,7 @@ from vglaw.models.factory import model_from_hparams
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER
 from vglaw.training.gmetrics import GeneralisedMetrics
 from vglaw.training.losses import grounding_loss
-from vglaw.training.metrics import GroundingMetrics, box_iou_pairwise
+from vglaw.training.metrics import GroundingMetrics, measure_predictions
 
 
 class VGLAWModule(pl.LightningModule):
@@ -162,26 +162,17 @@ class VGLAWModule(pl.LightningModule):
         pred = to_original(outputs, batch["scale"], batch["pad"], batch["orig_size"], self.img_size)
         if "box_sets" in pred:
             return self._measure_sets(pred, batch)
-        out: dict[str, Tensor] = {}
-        if "boxes" in pred:
-            out["box_iou"] = box_iou_pairwise(pred["boxes"], batch["orig_boxes"].to(pred["boxes"]))
-        if "masks" in pred:
-            gts = [gt.to(m.device).bool() for m, gt in zip(pred["masks"], batch["orig_masks"])]
-            out["inter"] = torch.stack([(m & gt).sum() for m, gt in zip(pred["masks"], gts)])
-            out["union"] = torch.stack([(m | gt).sum() for m, gt in zip(pred["masks"], gts)])
-        return out
+        return measure_predictions(pred, batch)
 
     def _measure_sets(self, pred: dict, batch: dict) -> dict[str, Tensor]:
         from vglaw.training.gmetrics import grec_correct
 
-        gts = [gt.to(m.device).bool() for m, gt in zip(pred["masks"], batch["orig_masks"])]
         targets = [t.to(b.device) for b, t in zip(pred["box_sets"], batch["orig_boxes_set"])]
         flags = lambda values: torch.tensor(values, dtype=torch.bool)  # noqa: E731
         return {
             "has_target": batch["has_target"],
             "pred_empty": flags([not m.any() for m in pred["masks"]]),
-            "inter": torch.stack([(m & g).sum() for m, g in zip(pred["masks"], gts)]),
-            "union": torch.stack([(m | g).sum() for m, g in zip(pred["masks"], gts)]),
+            **measure_predictions({"masks": pred["masks"]}, batch),  # union-mask intersection / union
             "grec": flags([grec_correct(b, t) for b, t in zip(pred["box_sets"], targets)]),
             "grec_iou": flags([grec_correct(b, t, giou=False) for b, t in zip(pred["box_sets"], targets)]),
             "boxes_empty": flags([len(b) == 0 for b in pred["box_sets"]]),

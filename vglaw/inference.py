@@ -192,23 +192,26 @@ class Grounder:
         array, size = prepare_image(image)
         return self.run([self.prepare(array, size, t) for t in texts], return_attention)
 
-    def predict_pairs(self, pairs: Iterable[tuple[Any, str]], batch_size: int = 16) -> Iterator[dict]:
+    def predict_pairs(self, pairs: Iterable[tuple[Any, str]], batch_size: int = 16,
+                      keep_image: bool = False) -> Iterator[dict]:
         """Many (image, expression) pairs, batched; yields one result per pair in order.
 
         A pair whose image cannot be read or whose expression is unusable yields
-        {"error": message} instead, and the others go on.
+        {"error": message} instead, and the others go on. With `keep_image`, each result also
+        holds "working_image", the decoded (H, W, 3) picture it was grounded in (shared, not
+        copied, by consecutive pairs of one image), e.g. to draw overlays without decoding again.
         """
         from vglaw.errors import UserError
 
-        batch: list[tuple[int, Prepared]] = []
+        batch: list[tuple[int, Prepared, np.ndarray]] = []
         cache: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
         results: dict[int, dict] = {}
         next_out = 0
 
         def flush() -> None:
             if batch:
-                for (k, _), r in zip(batch, self.run([p for _, p in batch])):
-                    results[k] = r
+                for (k, _, array), r in zip(batch, self.run([p for _, p, _ in batch])):
+                    results[k] = {**r, "working_image": array} if keep_image else r
                 batch.clear()
 
         def ready() -> Iterator[dict]:
@@ -227,7 +230,7 @@ class Grounder:
                         cache[key] = decoded
                 else:
                     decoded = cache[key]
-                batch.append((order, self.prepare(*decoded, text)))
+                batch.append((order, self.prepare(*decoded, text), decoded[0]))
             except UserError as err:
                 results[order] = {"error": str(err)}
             if len(batch) >= batch_size:

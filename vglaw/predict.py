@@ -172,7 +172,8 @@ def predict_many(args, grounder) -> int:
     done = skipped = 0
     records: dict[int, dict] = {n: {"line": n, "error": p} for n, p in bad}
     with open(partial, "w") as out:
-        results = grounder.predict_pairs(((image, text) for _, image, text in pairs), args.batch_size)
+        results = grounder.predict_pairs(((image, text) for _, image, text in pairs), args.batch_size,
+                                         keep_image=overlays is not None)
         for (n, image, text), r in tqdm(zip(pairs, results), total=len(pairs), desc="predict", unit="pair"):
             record = {"line": n, "image": str(image), "text": text}
             if "error" in r:
@@ -183,9 +184,9 @@ def predict_many(args, grounder) -> int:
                 done += 1
                 record.update({"height": r["size"][0], "width": r["size"][1], "box_format": "xyxy", **result_json(r)})
                 if overlays is not None:
-                    from vglaw.inference import prepare_image, slug
+                    from vglaw.inference import slug
 
-                    picture = draw_overlay(prepare_image(image)[0], [r])
+                    picture = draw_overlay(r.pop("working_image"), [r])
                     record["overlay"] = str(save_image(picture, overlays / f"{slug(image)}-{n}.png"))
             records[n] = record
             while records and min(records) <= n:  # keep the input's order, bad lines included

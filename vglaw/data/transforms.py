@@ -116,13 +116,14 @@ def resize_mask_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray
 
 
 def to_original(outputs: dict[str, Tensor], scale: Tensor, pad: Tensor, orig_size: Tensor,
-                img_size: int) -> dict[str, list]:
+                img_size: int, sets: list[dict] | None = None) -> dict[str, list]:
     """The model's outputs in original-image pixels: the one place metrics and prediction share.
 
     Args:
         outputs: model outputs ("boxes" (B, 4) normalised cxcywh, "mask_logits" (B, 1, S, S)).
         scale, pad, orig_size: the letterbox records (B, 2) of each sample.
         img_size: S.
+        sets: a generalised model's `decode_sets(outputs)`, when the caller has it already.
 
     Returns:
         "boxes": (B, 4) xyxy in original pixels (box tasks); "masks": B boolean (h, w) masks at
@@ -142,7 +143,7 @@ def to_original(outputs: dict[str, Tensor], scale: Tensor, pad: Tensor, orig_siz
         from vglaw.models.generalised import BOX_SCORE_THRESHOLD, EXIST_THRESHOLD, decode_sets
 
         out["box_sets"], out["box_set_scores"] = [], []
-        sets = decode_sets(outputs)
+        sets = sets if sets is not None else decode_sets(outputs)
         out["exists"] = torch.stack([s["exists"] for s in sets])
         for i, s in enumerate(sets):
             keep = (s["scores"] >= BOX_SCORE_THRESHOLD) & (s["exists"] >= EXIST_THRESHOLD)

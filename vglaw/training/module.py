@@ -156,10 +156,10 @@ class VGLAWModule(pl.LightningModule):
         return "giou" if self.generalised else "prec@0.5" if self.hparams.task in ("both", "box") else "miou"
 
     @torch.no_grad()
-    def measure(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+    def measure(self, outputs: dict[str, Tensor], batch: dict, sets: list[dict] | None = None) -> dict[str, Tensor]:
         """Per-sentence box IoU and mask intersection / union, in original-image pixels (for a
-        generalised model, the `GeneralisedMetrics` values)."""
-        pred = to_original(outputs, batch["scale"], batch["pad"], batch["orig_size"], self.img_size)
+        generalised model, the `GeneralisedMetrics` values; `sets` as `to_original` takes them)."""
+        pred = to_original(outputs, batch["scale"], batch["pad"], batch["orig_size"], self.img_size, sets)
         if "box_sets" in pred:
             return self._measure_sets(pred, batch)
         return measure_predictions(pred, batch)
@@ -184,11 +184,18 @@ class VGLAWModule(pl.LightningModule):
         terms = self._losses(outputs, batch)
         self.log(f"{split}/loss", terms["loss"], batch_size=len(batch["texts"]), add_dataloader_idx=False,
                  sync_dist=True)
-        self.metrics[split].update(batch["index"], **self.measure(outputs, batch))
+        sets = None
+        if self.generalised:
+            from vglaw.models.generalised import decode_sets
+
+            # Decoded once for the metrics and the calibration; a 0 score floor loses none of the
+            # boxes the metrics keep (score >= 0.7).
+            sets = decode_sets(outputs, min_score=0.0)
+        self.metrics[split].update(batch["index"], **self.measure(outputs, batch, sets))
         if self._calibrating and dataloader_idx == 0:
             from vglaw.training.calibration import calibration_samples
 
-            self._calibration.append(calibration_samples(outputs, batch, self.img_size))
+            self._calibration.append(calibration_samples(outputs, batch, self.img_size, sets))
 
     def _log_metrics(self) -> None:
         for split, metric in self.metrics.items():

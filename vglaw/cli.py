@@ -45,12 +45,35 @@ def monitor_key(task: str, val_splits: list[str] | None, variant: str | None = N
     return f"{split}/{metric}"
 
 
+LOGGING_CALLBACKS = ("LearningRateMonitor",)  # callbacks that refuse a Trainer without a logger
+
+
+def drop_logging_callbacks(trainer_cfg) -> list[str]:
+    """With `trainer.logger` false or null, remove the configured callbacks that only log (the
+    RefCOCO configs' `LearningRateMonitor`, which raises without a logger) and say so in one
+    line; returns the names removed."""
+    if trainer_cfg.logger not in (False, None) or not trainer_cfg.callbacks:
+        return []
+    kept, dropped = [], []
+    for callback in trainer_cfg.callbacks:
+        name = str(getattr(callback, "class_path", type(callback).__name__)).rsplit(".", 1)[-1]
+        if name in LOGGING_CALLBACKS:
+            dropped.append(name)
+        else:
+            kept.append(callback)
+    if dropped:
+        trainer_cfg.callbacks = kept
+        print(f"vglaw: trainer.logger is off, so {', '.join(dropped)} (which only logs) is not used", file=sys.stderr)
+    return dropped
+
+
 def lightning_main(args: list[str]) -> None:
     from pytorch_lightning.cli import LightningCLI
 
     from vglaw.data.datamodule import ReferDataModule
     from vglaw.training.callbacks import Checkpoint, ExportModel, RNGState
     from vglaw.training.module import VGLAWModule
+    from vglaw.training.schedule import ScheduleCheck, use_run_progress_bar
 
     class VGLAWCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -68,6 +91,7 @@ def lightning_main(args: list[str]) -> None:
             })
             parser.add_lightning_class_args(RNGState, "rng_state")
             parser.add_lightning_class_args(ExportModel, "export_model")
+            parser.add_lightning_class_args(ScheduleCheck, "schedule_check")
 
         def instantiate_trainer(self, **kwargs):
             from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -77,6 +101,7 @@ def lightning_main(args: list[str]) -> None:
             trainer = super().instantiate_trainer(**kwargs)
             if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
                 trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            use_run_progress_bar(trainer, self._get(self.config_init, "trainer", default={}).get("callbacks"))
             return trainer
 
         def before_instantiate_classes(self) -> None:
@@ -89,6 +114,7 @@ def lightning_main(args: list[str]) -> None:
                 torch.set_float32_matmul_precision("high")
             cfg = self.config[self.subcommand]
             check_run(self.subcommand, cfg)
+            drop_logging_callbacks(cfg.trainer)
             if cfg.data.global_batch_size:
                 world = count_devices(cfg.trainer.devices, cfg.trainer.accelerator) * int(cfg.trainer.num_nodes)
                 per_step = cfg.data.batch_size * world

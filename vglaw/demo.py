@@ -12,6 +12,8 @@ from pathlib import Path
 
 from vglaw.atomic import write_text
 from vglaw.data.shapes import generate
+from vglaw.safe_pickle import load_torch_file, plain_load
+from vglaw.training.schedule import cut_short_message, schedule_summary
 
 SINGLE = {"dataset": "shapes", "config": "configs/shapes.yaml", "out": "outputs/demo",
           "curves": ("val/prec@0.5", "val/miou"),
@@ -26,8 +28,6 @@ def example_texts(data: Path, generalised: bool) -> tuple[Path, list[str]]:
     """A test image and expressions to ground in it: a relation (single target), or one naming
     several shapes and one naming none (generalised)."""
     if not generalised:
-        from vglaw.safe_pickle import plain_load
-
         refs = plain_load(data / "shapes" / "refs(unc).p")
         ref = next(r for r in refs if r["split"] == "test" and r["sentences"][0]["type"] == "relation")
         return data / "images" / "shapes" / ref["file_name"], [ref["sentences"][0]["sent"]]
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[2/4] training a small VG-LAW from scratch on the CPU ({config})")
     run(["fit", f"--config={config}", *common, *args.extra])
     ckpt = next((out / "logs" / "demo" / "checkpoints").glob("best-*.ckpt"))
+    done, planned = schedule_summary(load_torch_file(out / "logs" / "demo" / "checkpoints" / "last.ckpt"))
     model_dir = out / "logs" / "demo" / "model"  # written by `vglaw fit` from the best checkpoint
 
     print(f"[3/4] evaluating {ckpt} on the test split")
@@ -95,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
           f"explanation     {overlay.with_name('predict.explain-0.png')}\nlearning curve  {curve}\n"
           f"metrics         {metrics_file}\nwall time       {(time.time() - start) / 60:.1f} min\n\n"
           f"next: vglaw predict --image YOUR.jpg --text '{texts[0]}'   (uses {model_dir})")
+    if planned is not None and done < planned:
+        print(cut_short_message(done, planned, "a cap or an interrupt ended `vglaw fit` (see its warning above)")
+              + "\n  The README's figures are for the full schedule.", file=sys.stderr)
+        return 1
+    print(f"training steps  {done} of {planned} planned: the full schedule, comparable with the README's figures")
     return 0
 
 

@@ -106,13 +106,15 @@ def test_grefcoco_bad_refs_are_named_or_counted(tmp_path, capsys, break_it, need
 
 # ---- metrics on cases worked by hand ------------------------------------------------------
 
-def _update(metric, index, has_target, pred_mask, gt_mask, pred_boxes, gt_boxes):
+def _update(metric, index, has_target, pred_mask, gt_mask, pred_boxes, gt_boxes, no_target=None):
+    """One sentence; `no_target` is the model's no-target decision (default: the mask is empty)."""
     from vglaw.training.gmetrics import grec_correct
 
     p, g = torch.as_tensor(pred_mask, dtype=torch.bool), torch.as_tensor(gt_mask, dtype=torch.bool)
     pb = torch.as_tensor(pred_boxes, dtype=torch.float).reshape(-1, 4)
     gb = torch.as_tensor(gt_boxes, dtype=torch.float).reshape(-1, 4)
-    metric.update(torch.tensor([index]), torch.tensor([has_target]), torch.tensor([not p.any()]),
+    no_target = (not p.any()) if no_target is None else no_target
+    metric.update(torch.tensor([index]), torch.tensor([has_target]), torch.tensor([no_target]),
                   (p & g).sum()[None], (p | g).sum()[None], torch.tensor([grec_correct(pb, gb)]),
                   torch.tensor([grec_correct(pb, gb, giou=False)]), torch.tensor([len(pb) == 0]))
 
@@ -137,20 +139,74 @@ def test_generalised_metrics_by_hand():
     z = np.zeros((4, 4), bool)
     full, half = np.ones((4, 4), bool), np.zeros((4, 4), bool)
     half[:2] = True
-    _update(m, 0, False, z, z, [], [])  # no target, predicted empty: IoU 1, N-acc hit, GREC correct
+    # ReLA's rules (refer_evaluation.py): the no-target decision, not the mask, says "no target"
+    _update(m, 0, False, z, z, [], [])  # no target, predicted no-target: IoU 1, N-acc hit, GREC correct
     _update(m, 1, False, half, z, [A], [])  # no target, predicted 8 px: IoU 0, adds 8 to ΣU
     _update(m, 2, True, half, full, [A], [A])  # IoU 0.5, GREC correct
-    _update(m, 3, True, z, full, [], [A])  # targeted, predicted empty: T-acc miss, IoU 0
+    _update(m, 3, True, z, full, [], [A], no_target=True)  # targeted, predicted no-target: T-acc miss, IoU 0
     _update(m, 3, True, full, full, [A], [A])  # a repeat of sentence 3 (DDP padding) counts once
+    _update(m, 4, True, full, full, [A], [A])  # IoU 1, GREC correct
+    # predicted no-target while the mask head drew 8 px: I = 0, U = the 16 px union stays
+    _update(m, 5, True, half, full, [], [A], no_target=True)
+    _update(m, 6, False, z, z, [], [], no_target=False)  # no target, an empty mask but not predicted no-target: IoU 0
+    # no target and predicted no-target while the mask head drew 8 px: IoU 1, adds nothing
+    _update(m, 7, False, half, z, [], [], no_target=True)
     out = m.compute()
-    assert out["giou"].item() == pytest.approx((1 + 0 + 0.5 + 0) / 4)
-    assert out["ciou"].item() == pytest.approx((0 + 0 + 8 + 0) / (0 + 8 + 16 + 16))
-    assert out["n_acc"].item() == pytest.approx(0.5) and out["t_acc"].item() == pytest.approx(0.5)
-    assert out["grec_prec@f1"].item() == pytest.approx(2 / 4) and out["grec_n_acc"].item() == pytest.approx(0.5)
-    assert out["pr@0.7"].item() == pytest.approx(1 / 4)
+    assert out["giou"].item() == pytest.approx((1 + 0 + 0.5 + 0 + 1 + 0 + 0 + 1) / 8)
+    assert out["ciou"].item() == pytest.approx((0 + 0 + 8 + 0 + 16 + 0 + 0 + 0) / (0 + 8 + 16 + 16 + 16 + 16 + 0 + 0))
+    assert out["n_acc"].item() == pytest.approx(2 / 4) and out["t_acc"].item() == pytest.approx(2 / 4)
+    assert out["grec_prec@f1"].item() == pytest.approx(5 / 8) and out["grec_n_acc"].item() == pytest.approx(3 / 4)
+    # Pr@X over the 4 targeted expressions only (IoUs 0.5, 0, 1, 0): ReLA divides by the targeted count
+    assert out["pr@0.7"].item() == pytest.approx(1 / 4) and out["pr@0.9"].item() == pytest.approx(1 / 4)
 
 
 # ---- model, losses, decoding -----------------------------------------------------------
+
+def _centre_targets_per_object(boxes_set, size):
+    """The former one-object-at-a-time construction (a host round trip per object), kept as the
+    reference the batched `centre_targets` must equal."""
+    H2, W2 = size
+    heat = torch.zeros(len(boxes_set), H2, W2, dtype=torch.float64)
+    ys, xs = torch.arange(H2, dtype=torch.float64)[:, None], torch.arange(W2, dtype=torch.float64)[None, :]
+    cells = []
+    for b, boxes in enumerate(boxes_set):
+        row = (boxes[:, 1] * H2).long().clamp(0, H2 - 1)
+        col = (boxes[:, 0] * W2).long().clamp(0, W2 - 1)
+        cells.append(torch.stack([row, col], dim=1))
+        for (_, _, w, h), r, c in zip(boxes.tolist(), row.tolist(), col.tolist()):
+            sx, sy = max(0.5, w * W2 / 6), max(0.5, h * H2 / 6)
+            heat[b] = torch.maximum(heat[b], torch.exp(-((xs - c) ** 2) / (2 * sx**2) - ((ys - r) ** 2) / (2 * sy**2)))
+    return heat, cells
+
+
+def test_batched_centre_targets_and_set_loss_equal_the_per_object_construction():
+    from vglaw.training.losses import centre_focal_loss, centre_targets, set_losses
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [3, 0, 1, 5, 2, 0, 4, 1]  # overlapping Gaussians, empty samples, several per sample
+    boxes_set = [torch.cat([torch.rand(n, 2, generator=g), 0.05 + 0.6 * torch.rand(n, 2, generator=g)], 1)
+                 for n in sizes]
+    heat, sample, cells = centre_targets(boxes_set, (16, 12))
+    ref_heat, ref_cells = _centre_targets_per_object(boxes_set, (16, 12))
+    assert sample.tolist() == [b for b, n in enumerate(sizes) for _ in range(n)]
+    assert cells.tolist() == torch.cat(ref_cells).tolist()
+    # float32 Gaussians against a float64 reference: values in [0, 1], a few ulps of float32
+    torch.testing.assert_close(heat.double(), ref_heat, atol=1e-6, rtol=0)
+    assert (heat == 1).sum() == sum(sizes)  # each centre cell exactly 1, as the focal loss needs
+    # the loss on a fixed batch is the one the former targets give
+    outputs = {"centre_logits": torch.randn(8, 16, 12, generator=g),
+               "box_params": torch.randn(8, 16, 12, 4, generator=g),
+               "exist_logits": torch.randn(8, generator=g)}
+    has_target = torch.tensor([n > 0 for n in sizes])
+    terms = set_losses(outputs, boxes_set, has_target)
+    torch.testing.assert_close(terms["centre"].double(), centre_focal_loss(outputs["centre_logits"].double(), ref_heat),
+                               atol=1e-5, rtol=1e-5)
+    from vglaw.models.generalised import decode_boxes
+
+    decoded = decode_boxes(outputs["box_params"])
+    pred = torch.cat([decoded[b, c[:, 0], c[:, 1]] for b, c in enumerate(ref_cells)])
+    assert torch.equal(terms["l1"], (pred - torch.cat(boxes_set)).abs().sum(1).mean())
+
 
 def test_generalised_model_outputs_losses_and_decoding(tokenizer):
     from vglaw.models.generalised import decode_boxes, decode_sets
@@ -163,8 +219,9 @@ def test_generalised_model_outputs_losses_and_decoding(tokenizer):
     assert out["centre_logits"].shape == (2, 8, 8) and out["box_params"].shape == (2, 8, 8, 4)
     assert out["exist_logits"].shape == (2,) and out["mask_logits"].shape == (2, 1, 64, 64) and "boxes" not in out
     boxes_set = [torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.25, 0.3]]), torch.zeros(0, 4)]
-    heat, cells = centre_targets(boxes_set, (8, 8))
-    assert cells[0].tolist() == [[2, 2], [4, 5]] and heat[0, 2, 2] == 1 and heat[0, 4, 5] == 1
+    heat, sample, cells = centre_targets(boxes_set, (8, 8))
+    assert sample.tolist() == [0, 0] and cells.tolist() == [[2, 2], [4, 5]]
+    assert heat[0, 2, 2] == 1 and heat[0, 4, 5] == 1
     assert (heat[0] == 1).sum() == 2 and heat[1].max() == 0
     terms = grounding_loss(out, torch.zeros(2, 4), torch.zeros(2, 64, 64),
                            {"l1": 1, "giou": 1, "focal": 4, "dice": 4, "centre": 1, "exist": 1},

@@ -116,7 +116,7 @@ def resize_mask_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray
 
 
 def to_original(outputs: dict[str, Tensor], scale: Tensor, pad: Tensor, orig_size: Tensor,
-                img_size: int, sets: list[dict] | None = None) -> dict[str, list]:
+                img_size: int, sets: list[dict] | None = None, gate_masks: bool = True) -> dict[str, list]:
     """The model's outputs in original-image pixels: the one place metrics and prediction share.
 
     Args:
@@ -124,6 +124,8 @@ def to_original(outputs: dict[str, Tensor], scale: Tensor, pad: Tensor, orig_siz
         scale, pad, orig_size: the letterbox records (B, 2) of each sample.
         img_size: S.
         sets: a generalised model's `decode_sets(outputs)`, when the caller has it already.
+        gate_masks: empty a generalised model's mask where it predicts no target (the GRES
+            metrics measure the mask as drawn, beside the no-target decision).
 
     Returns:
         "boxes": (B, 4) xyxy in original pixels (box tasks); "masks": B boolean (h, w) masks at
@@ -152,7 +154,7 @@ def to_original(outputs: dict[str, Tensor], scale: Tensor, pad: Tensor, orig_siz
                                       orig_size[i : i + 1].expand(n, 2), img_size)
             out["box_sets"].append(boxes)
             out["box_set_scores"].append(s["scores"][keep])
-            if s["exists"] < EXIST_THRESHOLD and "masks" in out:
+            if gate_masks and s["exists"] < EXIST_THRESHOLD and "masks" in out:
                 out["masks"][i] = torch.zeros_like(out["masks"][i])
                 out["mask_scores"][i] = 0.0
     return out

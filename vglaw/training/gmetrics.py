@@ -47,16 +47,20 @@ class GeneralisedMetrics(Metric):
     """GRES and GREC metrics; `update` takes per-sentence values measured in original pixels."""
 
     full_state_update = False
-    FIELDS = ("index", "has_target", "pred_empty", "inter", "union", "grec", "grec_iou", "boxes_empty")
+    FIELDS = ("index", "has_target", "pred_no_target", "inter", "union", "grec", "grec_iou", "boxes_empty")
 
     def __init__(self) -> None:
         super().__init__()
         for name in self.FIELDS:
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, index: Tensor, has_target: Tensor, pred_empty: Tensor, inter: Tensor, union: Tensor,
+    def update(self, index: Tensor, has_target: Tensor, pred_no_target: Tensor, inter: Tensor, union: Tensor,
                grec: Tensor, grec_iou: Tensor, boxes_empty: Tensor) -> None:
-        values = dict(index=index.long(), has_target=has_target.bool(), pred_empty=pred_empty.bool(),
+        """Per-sentence values: `inter` / `union` of the predicted mask as the mask head drew it
+        (not emptied by the no-target decision) with the target union; `pred_no_target` the
+        model's no-target decision; `grec`, `grec_iou` GREC correctness (`grec_correct`) and
+        `boxes_empty` whether no box was kept."""
+        values = dict(index=index.long(), has_target=has_target.bool(), pred_no_target=pred_no_target.bool(),
                       inter=inter.double(), union=union.double(), grec=grec.bool(), grec_iou=grec_iou.bool(),
                       boxes_empty=boxes_empty.bool())
         for name, v in values.items():
@@ -71,16 +75,18 @@ class GeneralisedMetrics(Metric):
         keep = torch.ones_like(idx, dtype=torch.bool)
         keep[1:] = idx[order][1:] != idx[order][:-1]
         v = {name: cat(getattr(self, name))[order][keep] for name in self.FIELDS[1:]}
-        targeted, empty = v["has_target"], v["pred_empty"]
-        iou = torch.where(targeted, v["inter"] / v["union"].clamp(min=1), empty.double())
-        out = {"giou": iou.mean(), "ciou": v["inter"].sum() / v["union"].sum().clamp(min=1),
+        targeted, no_target = v["has_target"], v["pred_no_target"]
+        inter = torch.where(no_target, 0.0, v["inter"])  # predicted no target: I = 0, U kept
+        union = torch.where(~targeted & no_target, 0.0, v["union"])  # a correct no-target adds nothing
+        iou = torch.where(targeted, inter / union.clamp(min=1), no_target.double())
+        out = {"giou": iou.mean(), "ciou": inter.sum() / union.sum().clamp(min=1),
                "grec_prec@f1": v["grec"].double().mean(), "grec_prec@f1_iou": v["grec_iou"].double().mean()}
         if (~targeted).any():
-            out["n_acc"] = empty[~targeted].double().mean()
+            out["n_acc"] = no_target[~targeted].double().mean()
             out["grec_n_acc"] = v["boxes_empty"][~targeted].double().mean()
         if targeted.any():
-            out["t_acc"] = (~empty[targeted]).double().mean()
-        for t in GRES_THRESHOLDS:
-            out[f"pr@{t}"] = (iou >= t).double().mean()
+            out["t_acc"] = (~no_target[targeted]).double().mean()
+            for t in GRES_THRESHOLDS:
+                out[f"pr@{t}"] = (iou[targeted] >= t).double().mean()
         out["n"] = torch.tensor(float(iou.numel()))
         return out

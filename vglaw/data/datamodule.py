@@ -10,8 +10,11 @@ add "boxes_set" (a list of (N_b, 4) normalised cxcywh), "has_target" (B,) and, f
 """
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from vglaw.data.grefer import GReferDataset
@@ -19,6 +22,9 @@ from vglaw.data.refer import DEFAULT_SPLIT_BY, GENERALISED, ReferDataset, catego
 from vglaw.data.transforms import GroundingTransform
 from vglaw.errors import UsageError
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, MAX_TOKENS, load_tokenizer
+
+CALIBRATION = "calibration"  # the training images held out to calibrate a generalised model's box scores
+CALIBRATION_SEED = 0  # which images: the same on every run, machine and process
 
 
 class Collate:
@@ -92,6 +98,10 @@ class ReferDataModule(pl.LightningDataModule):
         cache_images: keep decoded images and masks in memory (per worker); for small datasets.
         categories: add category maps of every annotated object ("categories"), the target of
             the auxiliary category loss (`VGLAWModule.weight_seg`, which the CLI links to it).
+        calibration_holdout: generalised datasets: the share of training images (a fixed seeded
+            draw) kept out of training; while fitting, a generalised model's box scores are
+            calibrated on them (`vglaw.training.calibration`), so no reported split takes part
+            in its own calibration. 0 leaves the scores uncalibrated.
     """
 
     def __init__(
@@ -116,6 +126,7 @@ class ReferDataModule(pl.LightningDataModule):
         skip_invalid: bool = False,
         cache_images: bool = False,
         categories: bool = False,
+        calibration_holdout: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -133,20 +144,41 @@ class ReferDataModule(pl.LightningDataModule):
                                  fill=letterbox_fill)
         GroundingTransform(img_size, train=True, **self.augmentation)  # checks the probabilities now
         self.skip_invalid, self.cache_images, self.categories = skip_invalid, cache_images, categories
+        if not 0.0 <= calibration_holdout < 1.0:
+            raise UsageError(f"data.calibration_holdout must be in [0, 1), got {calibration_holdout}")
+        self.calibration_holdout = calibration_holdout
         self.collate = Collate(text_encoder, max_tokens)
         self._sets: dict[str, ReferDataset] = {}
 
+    @property
+    def calibration_split(self) -> str | None:
+        """The name of the held-out calibration slice (`calibration_holdout`), None without one."""
+        return CALIBRATION if self.calibration_holdout > 0 and self.dataset in GENERALISED else None
+
     def split(self, name: str, train: bool = False) -> ReferDataset:
+        """A split's dataset; `CALIBRATION` is the held-out slice of the training split, which
+        the training split then lacks."""
         key = f"{name}:{train}"
         if key not in self._sets:
             transform = GroundingTransform(self.img_size, train=train, keep_original=not train, **self.augmentation)
             reader = GReferDataset if self.dataset in GENERALISED else ReferDataset
-            self._sets[key] = reader(self.data_root, self.dataset, name, self.split_by,
-                                           skip_invalid=self.skip_invalid and train, transform=transform,
-                                           cache=self.cache_images, categories=self.categories)
+            source = self.train_split if name == CALIBRATION else name
+            dataset = reader(self.data_root, self.dataset, source, self.split_by,
+                             skip_invalid=self.skip_invalid and train, transform=transform,
+                             cache=self.cache_images, categories=self.categories)
+            if source == self.train_split and self.calibration_split:
+                held = self._held_out_images(dataset)
+                dataset.samples = [s for s in dataset.samples if (s.image_id in held) == (name == CALIBRATION)]
+            self._sets[key] = dataset
             if train or f"{name}:{not train}" not in self._sets:
-                self._warn_truncated(self._sets[key], name)
+                self._warn_truncated(dataset, name)
         return self._sets[key]
+
+    def _held_out_images(self, dataset: ReferDataset) -> set[int]:
+        """`calibration_holdout` of the training images, by a fixed seeded draw."""
+        ids = sorted({s.image_id for s in dataset.samples})
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(CALIBRATION_SEED)).tolist()
+        return {ids[i] for i in order[: math.ceil(self.calibration_holdout * len(ids))]}
 
     def _warn_truncated(self, dataset: ReferDataset, name: str) -> None:
         """One warning per split for the expressions longer than `max_tokens`."""
@@ -180,7 +212,11 @@ class ReferDataModule(pl.LightningDataModule):
         return self._loader(self.train_split, train=True)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(s, train=False) for s in self.val_splits]
+        """The validation splits, then, while fitting, the calibration slice (if any)."""
+        loaders = [self._loader(s, train=False) for s in self.val_splits]
+        if self.calibration_split and self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            loaders.append(self._loader(CALIBRATION, train=False))
+        return loaders
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self._loader(s, train=False) for s in self.test_splits]

@@ -45,6 +45,11 @@ class LanguageAggregator(nn.Module):
         bound = 1 / math.sqrt(text_dim)  # nn.Linear's default range
         nn.init.uniform_(self.reduce_weight, -bound, bound)
 
+    def no_weight_decay(self) -> set[str]:
+        """The queries and the stacked per-block biases and norms: AdamW decays matrices only,
+        and these are vectors stored one row per block."""
+        return {"queries", "reduce_bias", "norm_weight", "norm_bias"}
+
     def forward(self, tokens: Tensor, attention_mask: Tensor, return_attention: bool = False):
         """Aggregate.
 
@@ -86,12 +91,18 @@ class WeightGenerator(nn.Module):
     def __init__(self, in_dim: int, embed_dim: int, depth: int, rank: int = 32) -> None:
         super().__init__()
         self.rank = rank
-        # P (3C, d_w) and Q (C, d_w) are scaled so x·Q and Φ·Pᵀ keep unit-order activations
-        # once Φ moves away from zero.
-        self.P = nn.Parameter(torch.randn(3 * embed_dim, rank) / math.sqrt(rank))
-        self.Q = nn.Parameter(torch.randn(embed_dim, rank) / math.sqrt(embed_dim))
+        # P maps d_w -> 3C and Q maps C -> d_w; each starts uniform in ±1 / sqrt(its fan-in), as
+        # the official port's HeUniform(a=sqrt(5)) initialises its S (3C, d_w) and D (d_w, C)
+        # (src/model_law.py:299-300), nn.Linear's default range.
+        p_bound, q_bound = 1 / math.sqrt(rank), 1 / math.sqrt(embed_dim)
+        self.P = nn.Parameter(torch.empty(3 * embed_dim, rank).uniform_(-p_bound, p_bound))  # (3C, d_w)
+        self.Q = nn.Parameter(torch.empty(embed_dim, rank).uniform_(-q_bound, q_bound))  # (C, d_w)
         self.phi_weight = nn.Parameter(torch.zeros(depth, rank * rank, in_dim))  # Φ_i
         self.phi_bias = nn.Parameter(torch.zeros(depth, rank * rank))
+
+    def no_weight_decay(self) -> set[str]:
+        """Φ's stacked per-block biases: AdamW decays matrices only."""
+        return {"phi_bias"}
 
     def phi(self, h1: Tensor) -> Tensor:
         """(B, depth, d_l/r) -> Φ of shape (B, depth, d_w, d_w)."""

@@ -97,6 +97,10 @@ class Attention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * table_hw[0] - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * table_hw[1] - 1, self.head_dim))
 
+    def no_weight_decay(self) -> set[str]:
+        """Position tables, which AdamW leaves undecayed (timm's convention)."""
+        return {"rel_pos_h", "rel_pos_w"} if self.use_rel_pos else set()
+
     def forward(self, x: Tensor, low_rank: LowRank | None = None) -> Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
@@ -245,6 +249,10 @@ class ViTDet(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """The absolute position table, which AdamW leaves undecayed (timm's convention)."""
+        return {"pos_embed"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block during backward instead of storing its activations."""

@@ -12,13 +12,25 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from vglaw.data.datamodule import CALIBRATION
 from vglaw.data.transforms import to_original
 from vglaw.errors import UsageError
 from vglaw.models.factory import model_from_hparams
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER
+from vglaw.training.calibration import calibration_samples
 from vglaw.training.gmetrics import GeneralisedMetrics
 from vglaw.training.losses import grounding_loss
 from vglaw.training.metrics import GroundingMetrics, measure_predictions
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Parameters AdamW leaves undecayed: every 1-D parameter (biases, norms) and those a module
+    lists in its `no_weight_decay()` (timm's convention), with their full names."""
+    names = {n for n, p in model.named_parameters() if p.ndim < 2}
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            names |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    return names
 
 
 class VGLAWModule(pl.LightningModule):
@@ -47,8 +59,12 @@ class VGLAWModule(pl.LightningModule):
         lr_visual: learning rate of the visual backbone.
         lr_text: learning rate of the text encoder.
         lr_other: learning rate of everything else (aggregation, weight generation, heads).
-        weight_decay: AdamW decay of matrices (biases, norms and position tables get none).
-        warmup_steps: linear warm-up from lr / warmup_steps.
+        weight_decay: AdamW decay of matrices: 1-D parameters and those a module lists in its
+            `no_weight_decay()` (stacked per-block biases and norms, learned queries, position
+            tables) get none.
+        adam_eps: AdamW's epsilon (the official port's 1e-6).
+        warmup_steps: optimiser steps of linear warm-up, from `warmup_start` x lr to lr.
+        warmup_start: the learning-rate factor the warm-up starts from (the official port's 1%).
         milestones: epochs at which the learning rate is multiplied by `gamma`.
         gamma: step decay factor.
     """
@@ -76,7 +92,9 @@ class VGLAWModule(pl.LightningModule):
         lr_text: float = 4e-5,
         lr_other: float = 4e-4,
         weight_decay: float = 1e-4,
+        adam_eps: float = 1e-6,
         warmup_steps: int = 0,
+        warmup_start: float = 0.01,
         milestones: list[int] | None = None,
         gamma: float = 0.1,
     ) -> None:
@@ -105,6 +123,10 @@ class VGLAWModule(pl.LightningModule):
                                  "(the dataset's categories + 1) and a mask task")
             self.loss_weights["seg"] = weight_seg
         self.milestones = list(milestones if milestones is not None else [10, 60])
+        if not 0.0 < warmup_start <= 1.0:
+            raise UsageError(f"warmup_start must be in (0, 1], got {warmup_start}")
+        if not adam_eps > 0:
+            raise UsageError(f"adam_eps must be > 0, got {adam_eps}")
         self.metrics = nn.ModuleDict()
         self._calibrating = False  # collecting box-score calibration peaks (generalised, validation in fit)
         self._calibration: list[tuple[Tensor, Tensor]] = []
@@ -135,14 +157,20 @@ class VGLAWModule(pl.LightningModule):
     # ---- evaluation -------------------------------------------------------------------------
 
     def _splits(self, stage: str) -> list[str]:
+        """The splits of this stage's dataloaders, in order: while fitting, the validation splits
+        are followed by the data module's calibration slice when it has one."""
         dm = getattr(self.trainer, "datamodule", None)
         names = getattr(dm, "val_splits" if stage == "val" else "test_splits", None)
-        return list(names) if names else ["val" if stage == "val" else "test"]
+        names = list(names) if names else ["val" if stage == "val" else "test"]
+        calibration = getattr(dm, "calibration_split", None)
+        if stage == "val" and calibration and self.trainer.state.fn == "fit":
+            names.append(calibration)
+        return names
 
     def _reset_metrics(self, stage: str) -> None:
         self._stage_splits = self._splits(stage)
         metric = GeneralisedMetrics if self.generalised else GroundingMetrics
-        self.metrics = nn.ModuleDict({s: metric() for s in self._stage_splits}).to(self.device)
+        self.metrics = nn.ModuleDict({s: metric() for s in self._stage_splits if s != CALIBRATION}).to(self.device)
 
     @property
     def generalised(self) -> bool:
@@ -159,20 +187,23 @@ class VGLAWModule(pl.LightningModule):
     def measure(self, outputs: dict[str, Tensor], batch: dict, sets: list[dict] | None = None) -> dict[str, Tensor]:
         """Per-sentence box IoU and mask intersection / union, in original-image pixels (for a
         generalised model, the `GeneralisedMetrics` values; `sets` as `to_original` takes them)."""
-        pred = to_original(outputs, batch["scale"], batch["pad"], batch["orig_size"], self.img_size, sets)
+        # a generalised model's mask is measured as drawn, beside its no-target decision (`GeneralisedMetrics`)
+        pred = to_original(outputs, batch["scale"], batch["pad"], batch["orig_size"], self.img_size, sets,
+                           gate_masks=False)
         if "box_sets" in pred:
             return self._measure_sets(pred, batch)
         return measure_predictions(pred, batch)
 
     def _measure_sets(self, pred: dict, batch: dict) -> dict[str, Tensor]:
+        from vglaw.models.generalised import EXIST_THRESHOLD
         from vglaw.training.gmetrics import grec_correct
 
         targets = [t.to(b.device) for b, t in zip(pred["box_sets"], batch["orig_boxes_set"])]
         flags = lambda values: torch.tensor(values, dtype=torch.bool)  # noqa: E731
         return {
             "has_target": batch["has_target"],
-            "pred_empty": flags([not m.any() for m in pred["masks"]]),
-            **measure_predictions({"masks": pred["masks"]}, batch),  # union-mask intersection / union
+            "pred_no_target": pred["exists"] < EXIST_THRESHOLD,  # the existence head decides, as ReLA's nt head
+            **measure_predictions({"masks": pred["masks"]}, batch),  # the mask as drawn vs the target union
             "grec": flags([grec_correct(b, t) for b, t in zip(pred["box_sets"], targets)]),
             "grec_iou": flags([grec_correct(b, t, giou=False) for b, t in zip(pred["box_sets"], targets)]),
             "boxes_empty": flags([len(b) == 0 for b in pred["box_sets"]]),
@@ -181,21 +212,14 @@ class VGLAWModule(pl.LightningModule):
     def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
         outputs = self(batch)
         split = self._stage_splits[dataloader_idx]
+        if split == CALIBRATION:  # held-out training images: only the box-score calibration reads them
+            if self._calibrating:
+                self._calibration.append(calibration_samples(outputs, batch, self.img_size))
+            return
         terms = self._losses(outputs, batch)
         self.log(f"{split}/loss", terms["loss"], batch_size=len(batch["texts"]), add_dataloader_idx=False,
                  sync_dist=True)
-        sets = None
-        if self.generalised:
-            from vglaw.models.generalised import decode_sets
-
-            # Decoded once for the metrics and the calibration; a 0 score floor loses none of the
-            # boxes the metrics keep (score >= 0.7).
-            sets = decode_sets(outputs, min_score=0.0)
-        self.metrics[split].update(batch["index"], **self.measure(outputs, batch, sets))
-        if self._calibrating and dataloader_idx == 0:
-            from vglaw.training.calibration import calibration_samples
-
-            self._calibration.append(calibration_samples(outputs, batch, self.img_size, sets))
+        self.metrics[split].update(batch["index"], **self.measure(outputs, batch))
 
     def _log_metrics(self) -> None:
         for split, metric in self.metrics.items():
@@ -204,11 +228,17 @@ class VGLAWModule(pl.LightningModule):
             self.log_dict({f"{split}/{k}": v.float() for k, v in values.items()}, add_dataloader_idx=False)
             metric.reset()
 
+    def on_fit_start(self) -> None:
+        if self.generalised and CALIBRATION not in self._splits("val"):
+            rank_zero_warn("box scores stay uncalibrated: the data module holds no calibration slice "
+                           "(set data.calibration_holdout, e.g. 0.05)")
+
     def on_validation_epoch_start(self) -> None:
         self._reset_metrics("val")
-        # A generalised model's box scores are recalibrated on the first validation split while it
-        # trains (`vglaw.training.calibration`), not in the sanity check.
-        self._calibrating = self.generalised and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        # A generalised model's box scores are recalibrated on the held-out training images while
+        # it trains (`vglaw.training.calibration`), not in the sanity check.
+        self._calibrating = (self.generalised and CALIBRATION in self._stage_splits
+                             and not self.trainer.sanity_checking)
         self._calibration = []
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -220,7 +250,7 @@ class VGLAWModule(pl.LightningModule):
             self._calibrate()
 
     def _calibrate(self) -> None:
-        """Fit the box-score calibration on this validation's peaks (gathered from every process)."""
+        """Fit the box-score calibration on the calibration slice's peaks (gathered from every process)."""
         from vglaw.training.calibration import fit_platt
 
         logits = torch.cat([x for x, _ in self._calibration]) if self._calibration else torch.zeros(0)
@@ -238,7 +268,7 @@ class VGLAWModule(pl.LightningModule):
         head = self.model.centre_head
         if fit is None:
             rank_zero_warn(f"box-score calibration skipped at epoch {self.current_epoch}: {int(labels.sum())} "
-                           f"matching and {int((1 - labels).sum())} other peaks on validation; keeping "
+                           f"matching and {int((1 - labels).sum())} other peaks on the calibration slice; keeping "
                            f"{head.score_calibration.tolist()}")
         else:
             head.score_calibration.copy_(torch.tensor(fit, dtype=head.score_calibration.dtype))
@@ -260,21 +290,22 @@ class VGLAWModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         groups: dict[str, dict[str, list]] = {}
+        undecayed = no_weight_decay_names(self.model)
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
             part = "visual" if name.startswith("backbone.") else "text" if name.startswith("text.") else "other"
-            no_decay = p.ndim < 2 or name.endswith(("pos_embed", "rel_pos_h", "rel_pos_w"))
+            no_decay = name in undecayed
             groups.setdefault(f"{part}{'_nd' if no_decay else ''}", {"params": []})["params"].append(p)
         lrs = {"visual": hp.lr_visual, "text": hp.lr_text, "other": hp.lr_other}
         param_groups = [{"params": g["params"], "lr": lrs[k.split("_")[0]], "name": k,
                          "weight_decay": 0.0 if k.endswith("_nd") else hp.weight_decay} for k, g in groups.items()]
-        optimizer = torch.optim.AdamW(param_groups, fused=True)
+        optimizer = torch.optim.AdamW(param_groups, eps=hp.adam_eps, fused=True)
         steps_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)))
-        warmup, milestones, gamma = hp.warmup_steps, self.milestones, hp.gamma
+        warmup, start, milestones, gamma = hp.warmup_steps, hp.warmup_start, self.milestones, hp.gamma
 
         def factor(step: int) -> float:
-            warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            warm = start + (1 - start) * min(1.0, step / warmup) if warmup > 0 else 1.0
             epoch = step // steps_per_epoch
             return warm * gamma ** sum(epoch >= m for m in milestones)
 

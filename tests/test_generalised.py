@@ -284,7 +284,7 @@ def test_generalised_fit_predict_and_no_target(gshapes_root, tmp_path, capsys):
     ckpts = list((tmp_path / "logs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
     assert ckpts and torch.load(ckpts[0], weights_only=True)["callbacks"]
     assert "val/giou" in str(torch.load(ckpts[0], weights_only=True)["callbacks"])
-    # the box scores were calibrated on the validation peaks, and the checkpoint carries the fit
+    # the box scores were calibrated (on the held-out training image), and the checkpoint carries the fit
     assert "val/score_scale" in rows
     scale_bias = torch.load(ckpts[0], weights_only=True)["state_dict"]["model.centre_head.score_calibration"]
     logged = [line.split(",") for line in rows.splitlines()]
@@ -337,3 +337,32 @@ def test_variant_and_dataset_must_agree(gshapes_root, tmp_path, capsys):
                  "--model.variant=vglaw_tiny_scratch", "--data.img_size=64", f"--trainer.default_root_dir={tmp_path}",
                  "--trainer.logger=false"]) == 2
     assert "do not go together" in capsys.readouterr().err
+
+
+def test_box_scores_are_calibrated_on_held_out_training_images_never_on_val(gshapes_root, monkeypatch):
+    from torch import nn
+
+    from vglaw.data.datamodule import CALIBRATION, ReferDataModule
+    from vglaw.training.gmetrics import GeneralisedMetrics
+    from vglaw.training.module import VGLAWModule
+
+    def datamodule(holdout):
+        return ReferDataModule(dataset="gshapes", data_root=str(gshapes_root), img_size=64, batch_size=4,
+                               num_workers=0, calibration_holdout=holdout)
+
+    dm = datamodule(0.25)
+    full = {s.image_id for s in datamodule(0.0).split("train", train=True).samples}
+    train = {s.image_id for s in dm.split("train", train=True).samples}
+    held = {s.image_id for s in dm.split(CALIBRATION).samples}
+    assert len(held) == 4 and not train & held and train | held == full  # by image: no image in both
+    assert held == {s.image_id for s in datamodule(0.25).split(CALIBRATION).samples}  # the same draw every run
+    assert len(dm.val_dataloader()) == 1  # outside fit the slice is not evaluated
+    # while fitting, the calibration reads the slice's peaks and nothing of val
+    module = VGLAWModule(variant="vglaw_tiny_scratch_gref", img_size=64)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    module._stage_splits, module._calibrating, module._calibration = ["val", CALIBRATION], True, []
+    module.metrics = nn.ModuleDict({"val": GeneralisedMetrics()})
+    module._eval_step(next(iter(dm._loader("val", train=False))), 0)
+    assert module._calibration == []
+    module._eval_step(next(iter(dm._loader(CALIBRATION, train=False))), 1)
+    assert len(module._calibration) == 1 and len(module.metrics["val"].index) == 1

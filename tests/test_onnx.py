@@ -32,6 +32,11 @@ def _compare(name, tmp_path, tokenizer, size):
         check_onnx(path, model, tokenizer)
     with torch.no_grad():
         model.box_head.mlp[-1].bias.sub_(1e-2)
+        model.mask_head.up2.weight.mul_(1.01)  # mask logits 1% off: 10x the band the check allows
+    with pytest.raises(RuntimeError, match="mask logits differ"):
+        check_onnx(path, model, tokenizer)
+    with torch.no_grad():
+        model.mask_head.up2.weight.div_(1.01)
     return path
 
 

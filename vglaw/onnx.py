@@ -23,6 +23,10 @@ from vglaw.errors import MissingFileError, UsageError
 
 OPSET = 17
 BOX_TOLERANCE = 1e-4  # largest |ONNX Runtime - PyTorch| of a normalised box coordinate an export may show
+# Largest |ONNX Runtime - PyTorch| of a mask logit, as a share of the logits' scale (max |logit|,
+# at least 1): float32 rounding through the network is ~1e-5 of it (the paper model: 4e-5 at a
+# scale of ~10), and kernels differ between CPUs, so a fixed absolute band would not hold.
+MASK_LOGIT_TOLERANCE = 1e-3
 
 
 class _Exported(nn.Module):
@@ -98,9 +102,10 @@ def check_onnx(onnx_model: str | Path | bytes, model: nn.Module, tokenizer,
     """Run the export (a file or the serialised graph; `name` names it in errors) and `model` on
     the same three expressions of different lengths and random images, and return the largest
     |difference| of every output ("max_abs/<name>") and the share of mask pixels decided
-    differently at the mask threshold ("mask_disagreement", pixels within 1e-4 of the threshold
-    left out). Raises RuntimeError when a box coordinate differs by more
-    than `BOX_TOLERANCE` or a mask pixel is decided differently."""
+    differently at the mask threshold ("mask_disagreement"), leaving out the pixels within the
+    float32 band (`MASK_LOGIT_TOLERANCE` x the logits' scale) of the threshold. Raises
+    RuntimeError when a box coordinate differs by more than `BOX_TOLERANCE`, or a mask logit by
+    more than the band."""
     from vglaw.data.transforms import MASK_THRESHOLD
 
     texts = ["the red circle", "the star left of the big blue square at the top", "a square"]
@@ -116,12 +121,14 @@ def check_onnx(onnx_model: str | Path | bytes, model: nn.Module, tokenizer,
     report = {f"max_abs/{k}": float((got[k].float() - want[k].float()).abs().max()) for k in sorted(want)}
     if "mask_logits" in want:
         threshold = torch.logit(torch.tensor(MASK_THRESHOLD))
-        decided = (want["mask_logits"] - threshold).abs() > 1e-4
+        band = MASK_LOGIT_TOLERANCE * max(1.0, float(want["mask_logits"].abs().max()))
+        decided = (want["mask_logits"] - threshold).abs() > band
         differ = (got["mask_logits"] > threshold) != (want["mask_logits"] > threshold)
         report["mask_disagreement"] = float((differ & decided).float().mean())
-        if report["mask_disagreement"] > 0:
-            raise RuntimeError(f"{path}: ONNX Runtime decides {report['mask_disagreement']:.2e} of the mask "
-                               "pixels differently from PyTorch")
+        if report["max_abs/mask_logits"] > band:
+            raise RuntimeError(f"{path}: ONNX Runtime's mask logits differ from PyTorch's by "
+                               f"{report['max_abs/mask_logits']:.2e} (> {band:.1e}, {MASK_LOGIT_TOLERANCE} of their "
+                               f"scale); {report['mask_disagreement']:.2e} of the pixels are decided differently")
     for key in ("boxes", "box_params"):
         if report.get(f"max_abs/{key}", 0.0) > BOX_TOLERANCE:
             raise RuntimeError(f"{path}: ONNX Runtime's {key} differ from PyTorch's by "

@@ -5,6 +5,7 @@ Batches come from `vglaw.data.datamodule.ReferDataModule` (see its docstring for
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,6 +22,14 @@ from vglaw.training.calibration import calibration_samples
 from vglaw.training.gmetrics import GeneralisedMetrics
 from vglaw.training.losses import grounding_loss
 from vglaw.training.metrics import GroundingMetrics, measure_predictions
+
+
+def lr_factor(step: int, steps_per_epoch: int, warmup_steps: int, warmup_start: float, milestones: tuple[int, ...],
+              gamma: float) -> float:
+    """The learning rate at optimiser step `step` as a factor of the base rate: linear from
+    `warmup_start` to 1 over `warmup_steps`, times `gamma` for each milestone epoch reached."""
+    warm = warmup_start + (1 - warmup_start) * min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+    return warm * gamma ** sum(step // steps_per_epoch >= m for m in milestones)
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -287,7 +296,9 @@ class VGLAWModule(pl.LightningModule):
 
     # ---- optimisation -----------------------------------------------------------------------
 
-    def configure_optimizers(self):
+    def param_groups(self) -> list[dict]:
+        """AdamW's parameter groups: the visual backbone, the text encoder and the rest, each
+        with its learning rate, split into decayed and undecayed (`no_weight_decay_names`)."""
         hp = self.hparams
         groups: dict[str, dict[str, list]] = {}
         undecayed = no_weight_decay_names(self.model)
@@ -298,16 +309,14 @@ class VGLAWModule(pl.LightningModule):
             no_decay = name in undecayed
             groups.setdefault(f"{part}{'_nd' if no_decay else ''}", {"params": []})["params"].append(p)
         lrs = {"visual": hp.lr_visual, "text": hp.lr_text, "other": hp.lr_other}
-        param_groups = [{"params": g["params"], "lr": lrs[k.split("_")[0]], "name": k,
-                         "weight_decay": 0.0 if k.endswith("_nd") else hp.weight_decay} for k, g in groups.items()]
-        optimizer = torch.optim.AdamW(param_groups, eps=hp.adam_eps, fused=True)
+        return [{"params": g["params"], "lr": lrs[k.split("_")[0]], "name": k,
+                 "weight_decay": 0.0 if k.endswith("_nd") else hp.weight_decay} for k, g in groups.items()]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.param_groups(), eps=hp.adam_eps, fused=True)
         steps_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)))
-        warmup, start, milestones, gamma = hp.warmup_steps, hp.warmup_start, self.milestones, hp.gamma
-
-        def factor(step: int) -> float:
-            warm = start + (1 - start) * min(1.0, step / warmup) if warmup > 0 else 1.0
-            epoch = step // steps_per_epoch
-            return warm * gamma ** sum(epoch >= m for m in milestones)
-
+        factor = partial(lr_factor, steps_per_epoch=steps_per_epoch, warmup_steps=hp.warmup_steps,
+                         warmup_start=hp.warmup_start, milestones=tuple(self.milestones), gamma=hp.gamma)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

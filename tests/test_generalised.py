@@ -357,12 +357,18 @@ def test_box_scores_are_calibrated_on_held_out_training_images_never_on_val(gsha
     assert len(held) == 4 and not train & held and train | held == full  # by image: no image in both
     assert held == {s.image_id for s in datamodule(0.25).split(CALIBRATION).samples}  # the same draw every run
     assert len(dm.val_dataloader()) == 1  # outside fit the slice is not evaluated
-    # while fitting, the calibration reads the slice's peaks and nothing of val
+    # while fitting, the calibration reads the slice's peaks, and is fitted before val is scored
     module = VGLAWModule(variant="vglaw_tiny_scratch_gref", img_size=64)
+    fits = []
     monkeypatch.setattr(module, "log", lambda *a, **k: None)
-    module._stage_splits, module._calibrating, module._calibration = ["val", CALIBRATION], True, []
+    monkeypatch.setattr(module, "_calibrate", lambda: fits.append(len(module._calibration)) or
+                        setattr(module, "_calibrating", False))
+    module._stage_splits, module._calibrating, module._calibration = [CALIBRATION, "val"], True, []
     module.metrics = nn.ModuleDict({"val": GeneralisedMetrics()})
-    module._eval_step(next(iter(dm._loader("val", train=False))), 0)
-    assert module._calibration == []
-    module._eval_step(next(iter(dm._loader(CALIBRATION, train=False))), 1)
-    assert len(module._calibration) == 1 and len(module.metrics["val"].index) == 1
+    module._eval_step(next(iter(dm._loader(CALIBRATION, train=False))), 0)
+    assert len(module._calibration) == 1 and fits == []
+    module._eval_step(next(iter(dm._loader("val", train=False))), 1)
+    module._eval_step(next(iter(dm._loader("val", train=False))), 1)
+    assert fits == [1] and len(module.metrics["val"].index) == 2  # fitted once, on the slice's batch only
+    with pytest.raises(vglaw.errors.UsageError, match="not a generalised dataset"):
+        ReferDataModule(dataset="shapes", calibration_holdout=0.1)

@@ -49,7 +49,7 @@ def test_warm_up_is_linear_from_one_percent_then_steps_down_at_milestones():
     f = partial(lr_factor, steps_per_epoch=10, warmup_steps=4, warmup_start=0.01, milestones=(1, 2), gamma=0.1)
     assert [f(s) for s in (0, 2, 4, 9, 10, 19, 20)] == pytest.approx([0.01, 0.01 + 0.99 * 2 / 4, 1, 1, 0.1, 0.1, 0.01])
     with pytest.raises(vglaw.errors.UsageError, match="warmup_start"):
-        VGLAWModule(variant="vglaw_tiny", img_size=64, warmup_start=0.0)
+        VGLAWModule(variant="vglaw_tiny", img_size=64, warmup_start=-0.1)
 
 
 def test_the_refcoco_configs_carry_the_port_warm_up_and_epsilon():

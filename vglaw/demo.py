@@ -96,11 +96,16 @@ def main(argv: list[str] | None = None) -> int:
           f"explanation     {overlay.with_name('predict.explain-0.png')}\nlearning curve  {curve}\n"
           f"metrics         {metrics_file}\nwall time       {(time.time() - start) / 60:.1f} min\n\n"
           f"next: vglaw predict --image YOUR.jpg --text '{texts[0]}'   (uses {model_dir})")
-    if planned is not None and done < planned:
-        print(cut_short_message(done, planned, "a cap or an interrupt ended `vglaw fit` (see its warning above)")
+    if planned is None:
+        print(f"training steps  {done} (the checkpoint records no plan to compare with)")
+    elif done < planned:
+        print(cut_short_message(done, planned, "a cap or a callback ended `vglaw fit` (see above)")
               + "\n  The README's figures are for the full schedule.", file=sys.stderr)
         return 1
-    print(f"training steps  {done} of {planned} planned: the full schedule, comparable with the README's figures")
+    elif args.extra:
+        print(f"training steps  {done} of {done}, with your overrides {' '.join(args.extra)}: not the README's run")
+    else:
+        print(f"training steps  {done} of {planned}: the whole schedule, as the README's figures")
     return 0
 
 

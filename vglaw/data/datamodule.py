@@ -146,6 +146,9 @@ class ReferDataModule(pl.LightningDataModule):
         self.skip_invalid, self.cache_images, self.categories = skip_invalid, cache_images, categories
         if not 0.0 <= calibration_holdout < 1.0:
             raise UsageError(f"data.calibration_holdout must be in [0, 1), got {calibration_holdout}")
+        if calibration_holdout > 0 and dataset not in GENERALISED:
+            raise UsageError(f"data.calibration_holdout calibrates a generalised model's box scores; {dataset} is not "
+                             f"a generalised dataset ({', '.join(sorted(GENERALISED))})")
         self.calibration_holdout = calibration_holdout
         self.collate = Collate(text_encoder, max_tokens)
         self._sets: dict[str, ReferDataset] = {}
@@ -163,8 +166,9 @@ class ReferDataModule(pl.LightningDataModule):
             transform = GroundingTransform(self.img_size, train=train, keep_original=not train, **self.augmentation)
             reader = GReferDataset if self.dataset in GENERALISED else ReferDataset
             source = self.train_split if name == CALIBRATION else name
+            # The calibration slice skips what training skips, so both draw from the same images.
             dataset = reader(self.data_root, self.dataset, source, self.split_by,
-                             skip_invalid=self.skip_invalid and train, transform=transform,
+                             skip_invalid=self.skip_invalid and (train or name == CALIBRATION), transform=transform,
                              cache=self.cache_images, categories=self.categories)
             if source == self.train_split and self.calibration_split:
                 held = self._held_out_images(dataset)
@@ -212,10 +216,10 @@ class ReferDataModule(pl.LightningDataModule):
         return self._loader(self.train_split, train=True)
 
     def val_dataloader(self) -> list[DataLoader]:
-        """The validation splits, then, while fitting, the calibration slice (if any)."""
+        """The validation splits, preceded while fitting by the calibration slice (if any)."""
         loaders = [self._loader(s, train=False) for s in self.val_splits]
         if self.calibration_split and self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            loaders.append(self._loader(CALIBRATION, train=False))
+            loaders.insert(0, self._loader(CALIBRATION, train=False))
         return loaders
 
     def test_dataloader(self) -> list[DataLoader]:

@@ -61,16 +61,14 @@ def fit_platt(logits: Tensor, labels: Tensor, min_each: int = 10) -> tuple[float
     return a, b
 
 
-def calibration_samples(outputs: dict[str, Tensor], batch: dict, img_size: int,
-                        sets: list[dict] | None = None) -> tuple[Tensor, Tensor]:
+def calibration_samples(outputs: dict[str, Tensor], batch: dict, img_size: int) -> tuple[Tensor, Tensor]:
     """A batch's (N,) raw centre logits and (N,) labels (`peak_labels`) of every peak (up to 20
-    per sample) of the samples the existence head lets through; `sets`: the caller's
-    `decode_sets(outputs, min_score=0.0)`."""
+    per sample) of the samples the existence head lets through."""
     from vglaw.data.transforms import boxes_to_original
     from vglaw.models.generalised import EXIST_THRESHOLD, decode_sets
 
     logits, labels = [], []
-    for i, s in enumerate(sets if sets is not None else decode_sets(outputs, min_score=0.0)):
+    for i, s in enumerate(decode_sets(outputs, min_score=0.0)):
         if s["exists"] < EXIST_THRESHOLD or not len(s["boxes"]):
             continue
         n = len(s["boxes"])

@@ -88,7 +88,7 @@ def centre_targets(boxes_set: list[Tensor], size: tuple[int, int]) -> tuple[Tens
     """
     H2, W2 = size
     device = boxes_set[0].device if boxes_set else torch.device("cpu")
-    counts = torch.tensor([len(b) for b in boxes_set], device=device)
+    counts = torch.tensor([len(b) for b in boxes_set], dtype=torch.long, device=device)
     sample = torch.repeat_interleave(torch.arange(len(boxes_set), device=device), counts)  # (N,)
     boxes = torch.cat([b.float().to(device) for b in boxes_set]) if boxes_set else torch.zeros(0, 4)  # (N, 4)
     row = (boxes[:, 1] * H2).long().clamp(0, H2 - 1)
@@ -126,7 +126,7 @@ def set_losses(outputs: dict[str, Tensor], boxes_set: list[Tensor], has_target: 
     decoded = decode_boxes(outputs["box_params"].float())  # (B, H2, W2, 4)
     pred = decoded[sample, cells[:, 0], cells[:, 1]]  # (N, 4)
     target = torch.cat([t.float().to(pred.device) for t in boxes_set]) if boxes_set else pred.new_zeros(0, 4)
-    terms = {"centre": centre_focal_loss(centre, heat.to(centre.device)),
+    terms = {"centre": centre_focal_loss(centre, heat),
              "exist": F.binary_cross_entropy_with_logits(outputs["exist_logits"].float(),
                                                          has_target.float().to(centre.device))}
     if len(target):

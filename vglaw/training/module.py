@@ -132,8 +132,8 @@ class VGLAWModule(pl.LightningModule):
                                  "(the dataset's categories + 1) and a mask task")
             self.loss_weights["seg"] = weight_seg
         self.milestones = list(milestones if milestones is not None else [10, 60])
-        if not 0.0 < warmup_start <= 1.0:
-            raise UsageError(f"warmup_start must be in (0, 1], got {warmup_start}")
+        if not 0.0 <= warmup_start <= 1.0:
+            raise UsageError(f"warmup_start must be in [0, 1], got {warmup_start}")
         if not adam_eps > 0:
             raise UsageError(f"adam_eps must be > 0, got {adam_eps}")
         self.metrics = nn.ModuleDict()
@@ -166,14 +166,14 @@ class VGLAWModule(pl.LightningModule):
     # ---- evaluation -------------------------------------------------------------------------
 
     def _splits(self, stage: str) -> list[str]:
-        """The splits of this stage's dataloaders, in order: while fitting, the validation splits
-        are followed by the data module's calibration slice when it has one."""
+        """The splits of this stage's dataloaders, in order: while fitting, the data module's
+        calibration slice (when it has one) comes before the validation splits."""
         dm = getattr(self.trainer, "datamodule", None)
         names = getattr(dm, "val_splits" if stage == "val" else "test_splits", None)
         names = list(names) if names else ["val" if stage == "val" else "test"]
         calibration = getattr(dm, "calibration_split", None)
         if stage == "val" and calibration and self.trainer.state.fn == "fit":
-            names.append(calibration)
+            names.insert(0, calibration)
         return names
 
     def _reset_metrics(self, stage: str) -> None:
@@ -193,12 +193,11 @@ class VGLAWModule(pl.LightningModule):
         return "giou" if self.generalised else "prec@0.5" if self.hparams.task in ("both", "box") else "miou"
 
     @torch.no_grad()
-    def measure(self, outputs: dict[str, Tensor], batch: dict, sets: list[dict] | None = None) -> dict[str, Tensor]:
+    def measure(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
         """Per-sentence box IoU and mask intersection / union, in original-image pixels (for a
-        generalised model, the `GeneralisedMetrics` values; `sets` as `to_original` takes them)."""
-        # a generalised model's mask is measured as drawn, beside its no-target decision (`GeneralisedMetrics`)
-        pred = to_original(outputs, batch["scale"], batch["pad"], batch["orig_size"], self.img_size, sets,
-                           gate_masks=False)
+        generalised model, the `GeneralisedMetrics` values: its mask is measured as drawn, beside
+        its no-target decision)."""
+        pred = to_original(outputs, batch["scale"], batch["pad"], batch["orig_size"], self.img_size, gate_masks=False)
         if "box_sets" in pred:
             return self._measure_sets(pred, batch)
         return measure_predictions(pred, batch)
@@ -225,6 +224,8 @@ class VGLAWModule(pl.LightningModule):
             if self._calibrating:
                 self._calibration.append(calibration_samples(outputs, batch, self.img_size))
             return
+        if self._calibrating:  # the slice is done: fit, so validation and the checkpoint use the same scores
+            self._calibrate()
         terms = self._losses(outputs, batch)
         self.log(f"{split}/loss", terms["loss"], batch_size=len(batch["texts"]), add_dataloader_idx=False,
                  sync_dist=True)
@@ -255,11 +256,13 @@ class VGLAWModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics()
-        if self._calibrating:
+        if self._calibrating:  # no validation batch came after the slice
             self._calibrate()
 
     def _calibrate(self) -> None:
-        """Fit the box-score calibration on the calibration slice's peaks (gathered from every process)."""
+        """Fit the box-score calibration on the calibration slice's peaks (gathered from every
+        process), once per validation."""
+        self._calibrating = False
         from vglaw.training.calibration import fit_platt
 
         logits = torch.cat([x for x, _ in self._calibration]) if self._calibration else torch.zeros(0)

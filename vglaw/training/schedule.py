@@ -2,8 +2,9 @@
 and a loud word when fit stops before the steps it planned.
 
 An epoch-based schedule (warm-up, learning-rate drops at given epochs) only gives the figures it
-was tuned for when it runs to its end; a `trainer.max_time` cap, early stopping or an interrupt
-cuts it at a point that depends on the machine's speed and load. `ScheduleCheck` records the
+was tuned for when it runs to its end; a `trainer.max_time` cap or early stopping cuts it at a
+point that depends on the machine's speed and load. (An interrupt ends the process; its
+`last.ckpt` resumes the schedule with `--ckpt_path`.) `ScheduleCheck` records the
 planned optimiser steps in every checkpoint (`checkpoint["schedule"]`) and prints a banner at the
 end of a cut run, so nobody mistakes its figures for the full run's.
 """
@@ -43,6 +44,8 @@ class ScheduleCheck(pl.Callback):
     not reach it (see the module docstring)."""
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn != "fit":  # the plan is fit's; asking for it elsewhere would load the training data
+            return
         planned = planned_steps(trainer)
         if planned is not None:
             checkpoint["schedule"] = {"planned_steps": planned}
@@ -54,7 +57,7 @@ class ScheduleCheck(pl.Callback):
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         remaining = timer.time_remaining() if timer is not None else None
         reason = (f"the trainer.max_time cap ({timer._duration:.0f} s) was reached" if remaining is not None
-                  and remaining <= 0 else "stopped by a callback (e.g. early stopping) or an interrupt")
+                  and remaining <= 0 else "stopped by a callback (e.g. early stopping)")
         if trainer.is_global_zero:
             print(cut_short_message(trainer.global_step, planned, reason), file=sys.stderr)
 
@@ -65,9 +68,11 @@ class RunProgressBar(TQDMProgressBar):
 
     def on_train_start(self, trainer: pl.Trainer, *_: Any) -> None:
         super().on_train_start(trainer)
-        self.train_progress_bar.total = convert_inf(planned_steps(trainer))
-        self.train_progress_bar.initial = trainer.global_step  # a resumed run's rate counts its own steps
-        self.train_progress_bar.unit = "step"
+        bar = self.train_progress_bar
+        bar.total = convert_inf(planned_steps(trainer))
+        bar.initial = bar.n = trainer.global_step  # a resumed run starts where it was; its rate counts its own steps
+        bar.unit = "step"
+        bar.refresh()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         epochs = "" if trainer.max_epochs in (None, -1) else f"/{trainer.max_epochs}"

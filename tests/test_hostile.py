@@ -388,3 +388,24 @@ def test_atomic_outputs_have_ordinary_permissions(tmp_path):
         os.umask(old)
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
     assert oct((tmp_path / "folder").stat().st_mode & 0o777) == oct(0o755)
+
+
+# ---- devices -----------------------------------------------------------------------------
+
+def test_unavailable_or_malformed_devices_are_one_line_naming_what_exists(tiny_ckpt, shapes_root, tmp_path,
+                                                                          capsys):
+    import torch
+
+    from vglaw.inference import available_devices
+
+    image = next((shapes_root / "images" / "shapes").glob("test_*.png"))
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, "cuda:0" without any
+    there = ", ".join(available_devices())
+    for device, needle in (("gpu0", "not a device name"), (missing, "not available here"), ("npu", "not a device")):
+        assert main(["predict", "--image", str(image), "--text", "x", "--model", str(tiny_ckpt),
+                     "--out", str(tmp_path / "o.png"), "--device", device]) == 2
+        one_error_line(capsys, "predict", f"--device {device}", needle, f"this machine has: {there}")
+    assert main(["ablate", "--model", str(tiny_ckpt), "--data-root", str(shapes_root), "--dataset", "shapes",
+                 "--split", "test", "--device", missing]) == 2
+    one_error_line(capsys, "ablate", "not available here")
+    assert not (tmp_path / "o.png").exists()

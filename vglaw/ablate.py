@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="only the first N sentences")
     parser.add_argument("--out", default=None, help="also write the table as JSON here")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     args = parser.parse_args(argv)
     from vglaw.data.refer import ReferDataset
     from vglaw.data.transforms import GroundingTransform

@@ -68,8 +68,35 @@ def model_from_checkpoint(path: str | Path):
     return model.eval()
 
 
+def available_devices() -> list[str]:
+    """The devices this machine offers PyTorch: "cpu", then each CUDA device ("cuda:0", ...)."""
+    return ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A device the user named, checked: None picks "cuda" when present, else "cpu".
+
+    Raises:
+        UsageError: a malformed name ("gpu0") or a device this machine lacks ("cuda" without a
+            GPU, "cuda:3" with two), naming the devices there are.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    there = ", ".join(available_devices())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"--device {device}: not a device name; this machine has: {there}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda" or not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: not available here; this machine has: {there}")
+    return dev
+
+
 def load_model(source: Any, device: str | torch.device = "cpu"):
     """A model from a folder (`save_pretrained`), a hub id, a training `.ckpt` or a model object."""
+    device = resolve_device(device)
     from vglaw.models.hub import is_local_path
     from vglaw.models.vglaw import VGLAW
 
@@ -120,6 +147,7 @@ class Grounder:
     """
 
     def __init__(self, model: Any, device: str | torch.device = "cpu", max_tokens: int = MAX_TOKENS) -> None:
+        device = resolve_device(device)
         self.model = load_model(model, device)
         self.device = getattr(self.model, "device", None) or torch.device(device)  # an ONNX model says its own
         self.img_size = self.model.img_size

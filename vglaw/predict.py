@@ -268,10 +268,7 @@ def main(argv: list[str]) -> int:
         if not Path(args.image).is_file():
             raise MissingFileError(f"image not found: {args.image}")
         check_output(Path(args.out) if args.out else Path("outputs/predict") / "x.png", [Path(args.image)])
-    import torch
+    from vglaw.inference import Grounder, resolve_device
 
-    from vglaw.inference import Grounder
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    grounder = Grounder(resolve_model(args.model), device)
+    grounder = Grounder(resolve_model(args.model), resolve_device(args.device))
     return predict_many(args, grounder) if batch else predict_one(args, grounder)

@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     parser.add_argument("--data", default="data", help="where the shapes datasets are, for the examples")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = parser.parse_args(argv)
     try:
         import gradio  # noqa: F401

@@ -93,3 +93,20 @@ def test_a_run_without_a_logger_drops_the_learning_rate_monitor(shapes_root, tmp
           "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
           "--trainer.callbacks+=LearningRateMonitor"])
     assert "trainer.logger is off, so LearningRateMonitor (which only logs) is not used" in capsys.readouterr().err
+
+
+def test_resuming_into_the_same_logger_version_keeps_the_metrics_already_written(shapes_root, tmp_path):
+    import csv
+
+    args = ["--config", str(REPO / "configs" / "shapes.yaml"), f"--data.data_root={shapes_root}",
+            "--model.variant=vglaw_tiny", "--model.model_args=null", "--model.weight_lap=0", "--model.weight_seg=0",
+            "--data.img_size=64", "--data.batch_size=4", "--data.num_workers=0", "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.version=pinned"]
+    assert main(["fit", *args, "--trainer.max_epochs=1"]) == 0
+    log = tmp_path / "logs" / "pinned"
+    first = list(csv.DictReader(open(log / "metrics.csv")))
+    assert main(["fit", *args, "--trainer.max_epochs=2", f"--ckpt_path={log / 'checkpoints' / 'last.ckpt'}"]) == 0
+    rows = list(csv.DictReader(open(log / "metrics.csv")))
+    assert rows[: len(first)] == [{**r, **{k: "" for k in rows[0].keys() - r.keys()}} for r in first]
+    assert {r["epoch"] for r in rows if r.get("val/prec@0.5")} == {"0", "1"}  # both epochs' validation kept

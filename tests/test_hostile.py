@@ -203,6 +203,45 @@ def test_rle_of_the_wrong_size_is_named_or_counted(tmp_path, capsys):
     assert ds.skipped == 1 and all(ds.load(i)["mask"].any() for i in range(len(ds)))
 
 
+def test_rle_counts_are_decoded_and_checked_against_the_size(tmp_path, capsys):
+    from pycocotools import mask as mask_utils
+
+    write_refcoco(tmp_path)
+    inst_path = tmp_path / "refcoco" / "instances.json"
+    inst = json.loads(inst_path.read_text())
+    sizes = {im["id"]: (im["height"], im["width"]) for im in inst["images"]}
+    a, b = inst["annotations"][1], inst["annotations"][2]
+    h, w = sizes[a["image_id"]]
+    # the right size, but the counts of a mask one column narrower: they cover h pixels too few
+    a["segmentation"] = {"size": [h, w],
+                         "counts": mask_utils.encode(np.ones((h, w - 1), np.uint8, order="F"))["counts"].decode()}
+    b["segmentation"] = {"size": list(sizes[b["image_id"]]), "counts": "!!not rle"}
+    inst_path.write_text(json.dumps(inst))
+    assert main(["data", "check", "--root", str(tmp_path), "--dataset", "refcoco"]) == 2
+    err = capsys.readouterr().err
+    assert "annotation 1001 (ref 1)" in err and f"cover {h * (w - 1)} pixels but its {w}x{h} size has {h * w}" in err
+    assert "annotation 1002 (ref 2)" in err and "not a character of COCO's compressed RLE" in err
+    assert "Traceback" not in err
+    from vglaw.data.refer import ReferDataset
+
+    with pytest.warns(UserWarning, match="skipped 1 bad samples"):  # ref 1 is in train, ref 2 in val
+        assert ReferDataset(tmp_path, "refcoco", "train", skip_invalid=True).counts()["refs"] == 1
+
+
+def test_skip_invalid_skips_in_every_split_so_fit_runs(tmp_path):
+    from vglaw.data.datamodule import ReferDataModule
+
+    write_refcoco(tmp_path)
+    inst_path = tmp_path / "refcoco" / "instances.json"
+    inst = json.loads(inst_path.read_text())
+    inst["annotations"][2]["segmentation"] = [[1, 2, 3, 4]]  # ref 2, the val split's only one
+    inst_path.write_text(json.dumps(inst))
+    dm = ReferDataModule(dataset="refcoco", data_root=str(tmp_path), img_size=64, batch_size=2, num_workers=0,
+                         text_encoder="minilm", skip_invalid=True)
+    with pytest.warns(UserWarning, match="skipped 1 bad samples"):
+        assert dm.split("val").counts()["refs"] == 0
+
+
 def test_invisible_expressions_are_refused_and_long_ones_truncated_with_a_warning(tiny_ckpt, shapes_root):
     from vglaw.data.text import clean_text
     from vglaw.errors import UsageError

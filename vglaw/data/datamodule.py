@@ -94,7 +94,8 @@ class ReferDataModule(pl.LightningDataModule):
             instead of its centre (the official port's random translation; not in the paper).
         letterbox_fill: padding of the letterbox: "mean" (zero after normalisation, the paper's)
             or "black".
-        skip_invalid: drop bad samples with a counted warning instead of stopping.
+        skip_invalid: drop bad samples with a counted warning instead of stopping (every split:
+            the evaluated splits then score the samples that remain, and say how many were dropped).
         cache_images: keep decoded images and masks in memory (per worker); for small datasets.
         categories: add category maps of every annotated object ("categories"), the target of
             the auxiliary category loss (`VGLAWModule.weight_seg`, which the CLI links to it).
@@ -166,9 +167,10 @@ class ReferDataModule(pl.LightningDataModule):
             transform = GroundingTransform(self.img_size, train=train, keep_original=not train, **self.augmentation)
             reader = GReferDataset if self.dataset in GENERALISED else ReferDataset
             source = self.train_split if name == CALIBRATION else name
-            # The calibration slice skips what training skips, so both draw from the same images.
+            # Every split skips (and counts) bad samples when asked: `vglaw data check` recommends
+            # skip_invalid, and a validation split that still refused them would end fit.
             dataset = reader(self.data_root, self.dataset, source, self.split_by,
-                             skip_invalid=self.skip_invalid and (train or name == CALIBRATION), transform=transform,
+                             skip_invalid=self.skip_invalid, transform=transform,
                              cache=self.cache_images, categories=self.categories)
             if source == self.train_split and self.calibration_split:
                 held = self._held_out_images(dataset)

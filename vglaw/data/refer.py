@@ -190,10 +190,47 @@ def read_instances(path: Path) -> dict:
     return inst
 
 
+def rle_run_lengths(counts: str | list) -> list[int]:
+    """The run lengths of an RLE's counts: a list of ints as it is, or COCO's compressed string
+    decoded as pycocotools' `rleFrString` does (6-bit groups from chr(48), 5 bits of value, a
+    continuation bit, a sign bit; from the third run on, each value is a difference to the run
+    two before).
+
+    Raises:
+        ValueError: a character outside COCO's alphabet, a number cut off, or a non-integer.
+    """
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            raise ValueError("its RLE counts hold values that are not integers")
+        return counts
+    if not isinstance(counts, str):
+        raise ValueError(f"its RLE counts are a {type(counts).__name__}, not a list or a string")
+    runs: list[int] = []
+    x, shift, more = 0, 0, False
+    for ch in counts:
+        c = ord(ch) - 48
+        if not 0 <= c < 64:
+            raise ValueError(f"its RLE counts hold {ch!r}, not a character of COCO's compressed RLE")
+        x |= (c & 0x1F) << shift
+        shift += 5
+        more = bool(c & 0x20)
+        if not more:
+            if c & 0x10:
+                x |= -1 << shift
+            if len(runs) > 2:
+                x += runs[-2]
+            runs.append(x)
+            x, shift = 0, 0
+    if more:
+        raise ValueError("its RLE counts end in the middle of a number")
+    return runs
+
+
 def segmentation_problem(ann: dict, image: dict) -> str | None:
     """What is wrong with an annotation's segmentation for its image, or None.
 
-    Polygons need at least three points (6 numbers) each; an RLE's size must be the image's.
+    Polygons need at least three points (6 numbers) each; an RLE's size must be the image's and
+    its run lengths must be non-negative and cover exactly that many pixels.
     """
     seg = ann.get("segmentation")
     if isinstance(seg, list):
@@ -209,6 +246,15 @@ def segmentation_problem(ann: dict, image: dict) -> str | None:
         if size != [int(image["height"]), int(image["width"])]:
             return (f"its RLE mask is {size[1]}x{size[0]} but image {image['id']} is "
                     f"{image['width']}x{image['height']}")
+        try:
+            runs = rle_run_lengths(seg["counts"])
+        except ValueError as err:
+            return str(err)
+        if any(r < 0 for r in runs):
+            return "its RLE counts hold a negative run length"
+        if sum(runs) != size[0] * size[1]:
+            return (f"its RLE counts cover {sum(runs)} pixels but its {size[1]}x{size[0]} size has "
+                    f"{size[0] * size[1]}")
         return None
     return "no segmentation (polygons or RLE)"
 

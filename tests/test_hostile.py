@@ -448,3 +448,29 @@ def test_unavailable_or_malformed_devices_are_one_line_naming_what_exists(tiny_c
                  "--split", "test", "--device", missing]) == 2
     one_error_line(capsys, "ablate", "not available here")
     assert not (tmp_path / "o.png").exists()
+
+
+# ---- models handed to vglaw --------------------------------------------------------------
+
+def test_nan_weights_are_refused_and_nan_outputs_never_written(tiny_ckpt, shapes_root, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from vglaw.errors import ModelOutputError
+    from vglaw.inference import Grounder, model_from_checkpoint
+
+    model = model_from_checkpoint(tiny_ckpt)
+    model.save_pretrained(tmp_path / "m")
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    state["box_head.mlp.0.weight"][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    image = next((shapes_root / "images" / "shapes").glob("test_*.png"))
+    json_out = tmp_path / "r.json"
+    assert main(["predict", "--image", str(image), "--text", "the red circle", "--model", str(tmp_path / "m"),
+                 "--out", str(tmp_path / "o.png"), "--json-out", str(json_out)]) == 2
+    one_error_line(capsys, "predict", "box_head.mlp.0.weight holds NaN or infinite values")
+    assert not json_out.exists() and not (tmp_path / "o.png").exists()
+    # a model object (no file to check) that computes NaN: an error, never a result
+    with torch.no_grad():
+        model.box_head.mlp[0].weight[0, 0] = float("nan")
+    with pytest.raises(ModelOutputError, match="NaN or infinite boxes"):
+        Grounder(model).predict(str(image), ["the red circle"])

@@ -20,3 +20,7 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class UnsafeFileError(UserError, ValueError):
     """A file that could only be opened by running code from it, or that is not what it claims."""
+
+
+class ModelOutputError(UserError, RuntimeError):
+    """A model whose outputs are not numbers (NaN or infinity): its results are never written."""

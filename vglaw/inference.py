@@ -23,7 +23,7 @@ from PIL import Image
 from vglaw.data.refer import load_image, rgb_array
 from vglaw.data.text import check_expression, real_token_counts, tokenize, warn_truncated
 from vglaw.data.transforms import GroundingTransform, to_original
-from vglaw.errors import MissingFileError, UsageError
+from vglaw.errors import MissingFileError, ModelOutputError, UsageError
 from vglaw.models.text_encoder import MAX_TOKENS, load_tokenizer
 
 WORKING_SIDE = 2048  # images are decoded and kept at most this large; the model reads S x S anyway
@@ -178,6 +178,10 @@ class Grounder:
                              return_attention=return_attention)
         scale, pad, orig = (torch.stack([p.sample[k] for p in items]).to(self.device)
                             for k in ("scale", "pad", "orig_size"))
+        bad = [k for k, v in outputs.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ModelOutputError(f"the model ({getattr(self.model, 'source', 'given')}) produced NaN or infinite "
+                                   f"{', '.join(sorted(bad))}: its weights are unusable; no result is written")
         pred = to_original(outputs, scale, pad, orig, self.img_size)
         results = []
         for i, p in enumerate(items):

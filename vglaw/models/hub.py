@@ -136,6 +136,19 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
+def weight_problems(state: dict[str, torch.Tensor]) -> list[str]:
+    """What makes a state dict unfit to run: tensors that are not floating point where a model
+    holds parameters (integer buffers aside), or that hold NaN or infinity, each named."""
+    problems = []
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            if not torch.isfinite(tensor).all():
+                problems.append(f"{name} holds NaN or infinite values")
+        elif tensor.dtype not in (torch.int64, torch.int32, torch.bool, torch.uint8):
+            problems.append(f"{name} is {tensor.dtype}, not a number type a model stores")
+    return problems
+
+
 def load_model_folder(folder: str | Path, map_location: str | torch.device = "cpu"):
     """Rebuild the model `config.json` describes and load `model.safetensors` strictly."""
     from safetensors import SafetensorError
@@ -167,6 +180,9 @@ def load_model_folder(folder: str | Path, map_location: str | torch.device = "cp
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise UnsafeFileError(f"{weights}: not a safetensors file ({str(err).splitlines()[0][:160]})") from err
+    bad = weight_problems(state)
+    if bad:
+        raise UsageError(f"{weights}: " + "; ".join(bad[:6]) + (f"; and {len(bad) - 6} more" if len(bad) > 6 else ""))
     try:
         model = cls(**args)
     except TypeError as err:

@@ -138,7 +138,7 @@ def test_out_equal_to_the_input_is_refused_and_same_names_do_not_collide(tiny_ck
     copy.write_bytes(image.read_bytes())
     before = copy.read_bytes()
     assert main(["predict", "--image", str(copy), "--text", "x", "--model", str(tiny_ckpt), "--out", str(copy)]) == 2
-    one_error_line(capsys, "predict", "is the input image")
+    one_error_line(capsys, "predict", "is an input of this run")
     assert copy.read_bytes() == before
     monkeypatch.chdir(tmp_path)
     for sub in ("a", "b"):
@@ -474,3 +474,54 @@ def test_nan_weights_are_refused_and_nan_outputs_never_written(tiny_ckpt, shapes
         model.box_head.mlp[0].weight[0, 0] = float("nan")
     with pytest.raises(ModelOutputError, match="NaN or infinite boxes"):
         Grounder(model).predict(str(image), ["the red circle"])
+
+
+def test_outputs_never_overwrite_an_input_or_each_other(tiny_ckpt, shapes_root, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import vglaw.inference
+
+    image = tmp_path / "photo.png"
+    shutil.copy(next((shapes_root / "images" / "shapes").glob("test_*.png")), image)
+    before = image.read_bytes()
+    monkeypatch.setattr(vglaw.inference, "Grounder", None)  # would fail loudly if the model were loaded
+    for extra, needle in ((["--json-out", str(image)], "--json-out"), (["--json-out", str(tmp_path / "o.png")],
+                                                                       "is also --out")):
+        assert main(["predict", "--image", str(image), "--text", "x", "--model", str(tiny_ckpt),
+                     "--out", str(tmp_path / "o.png"), *extra]) == 2
+        one_error_line(capsys, "predict", needle)
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(json.dumps({"image": str(image), "text": "x"}) + "\n")
+    assert main(["predict", "--pairs", str(pairs), "--output", str(pairs), "--model", str(tiny_ckpt)]) == 2
+    one_error_line(capsys, "predict", "--output", "is an input of this run")
+    assert image.read_bytes() == before and pairs.read_text().count("\n") == 1
+
+
+def test_export_never_replaces_what_exists_unasked_nor_its_source(tiny_ckpt, tmp_path, capsys):
+    import shutil
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    ckpt = ckpts / "best-0.ckpt"
+    shutil.copy(tiny_ckpt, ckpt)
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    cases = ((keep, [], "exists; add --overwrite"), (ckpts, ["--overwrite"], "is an input of this run"),
+             (afile, [], "is a file; a folder is written there"), (keep, ["--onnx"], "is a folder"),
+             (afile.with_suffix(".onnx"), ["--onnx"], None))
+    for out, extra, needle in cases:
+        if needle is None:  # an existing .onnx file
+            out.write_text("mine")
+            needle = "exists; add --overwrite"
+        assert main(["export", str(ckpt), "--out", str(out), *extra]) == 2
+        one_error_line(capsys, "export", needle)
+    assert (keep / "notes.txt").read_text() == "mine" and afile.read_text() == "mine" and ckpt.is_file()
+    assert afile.with_suffix(".onnx").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing hidden away
+    # asked to, the folder is replaced whole
+    assert main(["export", str(ckpt), "--out", str(keep), "--overwrite"]) == 0
+    assert (keep / "config.json").is_file() and not (keep / "notes.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

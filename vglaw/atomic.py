@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from vglaw.errors import UsageError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -91,7 +93,54 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (links and relative spellings included)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_output(path: str | Path, inputs: list[Path] = (), kind: str = "file", flag: str = "--out",
+                 outputs: dict[str, Path] | None = None, overwrite: bool = True) -> Path:
+    """Refuse an output path before any work starts, in one line naming `flag`: a folder where a
+    file goes (or a file where a folder goes, `kind="dir"`), an input of the run or a folder
+    holding one (`inputs`), another output of the same run (`outputs`, by flag), an existing
+    output without `overwrite`, a place under a file or not writable, or (`kind="image"`) a
+    name without an image extension."""
+    path = Path(path).expanduser()
+    if kind == "dir":
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{flag} {path} is a file; a folder is written there")
+    elif path.is_dir():
+        example = path / ("overlay.png" if kind == "image" else "out")
+        raise UsageError(f"{flag} {path} is a folder; give a file name (e.g. {example})")
+    if kind == "image":
+        try:
+            image_format(path)
+        except ValueError as err:
+            raise UsageError(f"{flag} {err}") from err
+    for src in inputs:
+        src = Path(src).expanduser()
+        if _same_file(path, src) or (kind == "dir" and path.is_dir() and src.exists()
+                                     and Path(os.path.abspath(src)).is_relative_to(os.path.abspath(path))):
+            raise UsageError(f"{flag} {path} is an input of this run ({src}) or holds it; writing there would "
+                             "destroy it")
+    for other_flag, other in (outputs or {}).items():
+        if _same_file(path, Path(other).expanduser()):
+            raise UsageError(f"{flag} {path} is also {other_flag}; give each output its own name")
+    if path.exists() and not overwrite:
+        raise UsageError(f"{flag} {path} exists; add --overwrite to replace it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write {path}: {parent} is not writable")
+    return path

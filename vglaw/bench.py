@@ -260,14 +260,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "vglaw-bench-shapes"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    from vglaw.atomic import check_output
     from vglaw.errors import UsageError
-    from vglaw.predict import check_output
 
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a file; give a folder for results.json and results.md")
-    check_output(Path(args.out) / "results.json", kind="json")  # writable, checked before minutes of work
+    check_output(Path(args.out) / "results.json")  # writable, checked before minutes of work
     if args.threads:
         torch.set_num_threads(args.threads)
     q = args.quick

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vglaw.atomic import check_output
 from vglaw.errors import UsageError
 
 
@@ -27,7 +28,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("source", help="training checkpoint (.ckpt) or, with --onnx, a model folder / checkpoint")
     parser.add_argument("--out", required=True, help="model folder to write (or .onnx file with --onnx)")
     parser.add_argument("--onnx", action="store_true", help="export the whole model to ONNX instead")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
     args = parser.parse_args(argv)
+    # before any work: never over the source (or a folder holding it), never over what exists unasked
+    check_output(args.out, [Path(args.source)], kind="file" if args.onnx else "dir", overwrite=args.overwrite)
     if args.onnx:
         from vglaw.onnx import export_onnx
 

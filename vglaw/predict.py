@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from vglaw.atomic import atomic_write, image_format, save_image
+from vglaw.atomic import atomic_write, check_output, save_image
 from vglaw.data.transforms import resize_mask_nearest
 from vglaw.errors import MissingFileError, UsageError
 
@@ -85,28 +85,6 @@ def result_json(r: dict) -> dict:
     return item
 
 
-def check_output(path: Path, inputs: list[Path] = (), kind: str = "image") -> Path:
-    """Refuse an output path before any work: a folder, an input file, a read-only place, or
-    (for pictures) a name without an image extension."""
-    path = path.expanduser()
-    if path.is_dir():
-        raise UsageError(f"--out {path} is a folder; give a file name (e.g. {path / 'overlay.png'})")
-    if kind == "image":
-        try:
-            image_format(path)
-        except ValueError as err:
-            raise UsageError(f"--out {err}") from err
-    for src in inputs:
-        if src.exists() and path.exists() and path.resolve() == src.resolve():
-            raise UsageError(f"--out {path} is the input image; writing there would destroy it")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write {path}: {parent} is not writable")
-    return path
-
-
 def resolve_model(arg: str | None) -> str:
     """--model, or the most recent model folder written here (said on stderr)."""
     if arg:
@@ -158,17 +136,25 @@ def read_pairs(args) -> tuple[list[tuple[int, object, str]], list[tuple[int, str
     return pairs, bad
 
 
+def batch_output(args) -> Path:
+    """Where batch results go (--output, or `<pairs>.predictions.jsonl`), checked: never the
+    pairs or texts file it reads."""
+    source = Path(args.pairs or args.images)
+    inputs = [source] + ([Path(args.texts)] if args.texts else [])
+    return check_output(Path(args.output or source.with_suffix("").as_posix() + ".predictions.jsonl"), inputs,
+                        flag="--output")
+
+
 def predict_many(args, grounder) -> int:
     from tqdm import tqdm
 
     pairs, bad = read_pairs(args)
-    source = Path(args.pairs or args.images)
-    output = check_output(Path(args.output or source.with_suffix("").as_posix() + ".predictions.jsonl"),
-                          kind="jsonl")
+    output = batch_output(args)
     overlays = Path(args.overlays) if args.overlays else None
     for n, problem in bad:
         print(f"vglaw predict: skipped line {n}: {problem}", file=sys.stderr)
-    partial = output.with_name(output.name + ".partial")
+    # per run, so two runs writing the same --output never share (and mix) one partial file
+    partial = output.with_name(f"{output.name}.{os.getpid()}.partial")
     done = skipped = 0
     records: dict[int, dict] = {n: {"line": n, "error": p} for n, p in bad}
     with open(partial, "w") as out:
@@ -202,7 +188,10 @@ def predict_one(args, grounder) -> int:
     from vglaw.inference import prepare_image, slug
 
     out = Path(args.out) if args.out else Path("outputs/predict") / f"{slug(args.image)}.png"
-    check_output(out, [Path(args.image)])
+    check_output(out, [Path(args.image)], kind="image")
+    if args.json_out:
+        check_output(Path(args.json_out), [Path(args.image)], flag="--json-out",
+                     outputs={"--out": out})
     array, size = prepare_image(args.image)
     results = grounder.run([grounder.prepare(array, size, t) for t in args.text], return_attention=args.explain)
     save_image(draw_overlay(array, results), out)
@@ -267,7 +256,13 @@ def main(argv: list[str]) -> int:
         args.text = [check_expression(t, "--text") for t in args.text]
         if not Path(args.image).is_file():
             raise MissingFileError(f"image not found: {args.image}")
-        check_output(Path(args.out) if args.out else Path("outputs/predict") / "x.png", [Path(args.image)])
+        out = Path(args.out) if args.out else Path("outputs/predict") / "x.png"
+        check_output(out, [Path(args.image)], kind="image")
+        if args.json_out:
+            check_output(Path(args.json_out), [Path(args.image)], flag="--json-out",
+                         outputs={"--out": out})
+    else:
+        batch_output(args)  # before the model is loaded
     from vglaw.inference import Grounder, resolve_device
 
     grounder = Grounder(resolve_model(args.model), resolve_device(args.device))

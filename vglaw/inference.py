@@ -95,20 +95,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_model(source: Any, device: str | torch.device = "cpu"):
-    """A model from a folder (`save_pretrained`), a hub id, a training `.ckpt` or a model object."""
-    device = resolve_device(device)
+    """A model from a folder (`save_pretrained`), a hub id, a training `.ckpt` or a model object
+    on `device`; an `.onnx` export runs on ONNX Runtime's CPU provider, whatever `device` says."""
     from vglaw.models.hub import is_local_path
     from vglaw.models.vglaw import VGLAW
 
-    if isinstance(source, torch.nn.Module):
-        return source.eval().to(device)
     path = Path(str(source)).expanduser()
-    if path.suffix == ".ckpt":
-        return model_from_checkpoint(path).to(device)
-    if path.suffix == ".onnx":
+    if not isinstance(source, torch.nn.Module) and path.suffix == ".onnx":
         from vglaw.onnx import OnnxModel
 
         return OnnxModel(path)
+    device = resolve_device(device)
+    if isinstance(source, torch.nn.Module):
+        return source.eval().to(device)
+    if path.suffix == ".ckpt":
+        return model_from_checkpoint(path).to(device)
     if is_local_path(source) and not path.exists():
         raise MissingFileError(f"model not found: {path}")
     return VGLAW.from_pretrained(str(source), map_location=str(device))
@@ -147,9 +148,8 @@ class Grounder:
     """
 
     def __init__(self, model: Any, device: str | torch.device = "cpu", max_tokens: int = MAX_TOKENS) -> None:
-        device = resolve_device(device)
         self.model = load_model(model, device)
-        self.device = getattr(self.model, "device", None) or torch.device(device)  # an ONNX model says its own
+        self.device = getattr(self.model, "device", None) or resolve_device(device)  # an ONNX model says its own
         self.img_size = self.model.img_size
         self.tokenizer = load_tokenizer(self.model.text.source)
         self.max_tokens = max_tokens

@@ -525,3 +525,104 @@ def test_export_never_replaces_what_exists_unasked_nor_its_source(tiny_ckpt, tmp
     assert main(["export", str(ckpt), "--out", str(keep), "--overwrite"]) == 0
     assert (keep / "config.json").is_file() and not (keep / "notes.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"depth": 10**6}, "depth = 1000000 is outside 1..48"),
+    ({"img_size": 0}, "img_size = 0 is outside"),
+    ({"img_size": -64}, "img_size = -64 is outside"),
+    ({"img_size": "64"}, "img_size must be an integer"),
+    ({"img_size": 72}, "img_size 72 is not a multiple of patch_size 16"),
+    ({"drop_path_rate": float("nan")}, "drop_path_rate must be a number"),
+    ({"window_block_indexes": [0, 99]}, "window_block_indexes must list blocks"),
+    ({"text_weights": "../../elsewhere"}, "text_weights must be one of"),
+    ({"text_weights": "package", "text_encoder": "/somewhere/else"}, "means the packaged 'minilm' text encoder"),
+])
+def test_model_folder_configs_are_checked_before_anything_is_built(tiny_ckpt, shapes_root, tmp_path, capsys, change,
+                                                                   needle):
+    from vglaw.inference import model_from_checkpoint
+
+    image = next((shapes_root / "images" / "shapes").glob("test_*.png"))
+    model_from_checkpoint(tiny_ckpt).save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **change}))
+    assert main(["predict", "--image", str(image), "--text", "x", "--model", str(tmp_path / "m"),
+                 "--out", str(tmp_path / "o.png")]) == 2
+    one_error_line(capsys, "predict", "config.json", needle)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda refs: refs[0].update(ann_id=[1000]), "ann_id is [1000], not an integer id"),
+    (lambda refs: refs[0].update(ref_id="0"), "ref_id is '0', not an integer id"),
+    (lambda refs: refs[0].update(sentences=None), "sentences is NoneType, not a list"),
+    (lambda refs: refs[0]["sentences"][0].update(sent=5), "is empty"),
+    (lambda refs: refs.insert(0, "a ref"), "expected a list of refs"),
+])
+def test_structural_type_errors_in_refs_are_one_line_naming_the_ref(tmp_path, capsys, change, needle):
+    import pickle
+
+    write_refcoco(tmp_path)
+    path = tmp_path / "refcoco" / "refs(unc).p"
+    refs = pickle.loads(path.read_bytes())
+    change(refs)
+    path.write_bytes(pickle.dumps(refs, protocol=2))
+    assert main(["data", "check", "--root", str(tmp_path), "--dataset", "refcoco"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+
+
+def test_an_annotation_with_a_list_for_its_image_id_is_named(tmp_path, capsys):
+    write_refcoco(tmp_path)
+    inst_path = tmp_path / "refcoco" / "instances.json"
+    inst = json.loads(inst_path.read_text())
+    inst["annotations"][0]["image_id"] = [inst["annotations"][0]["image_id"]]
+    inst_path.write_text(json.dumps(inst))
+    assert main(["data", "check", "--root", str(tmp_path), "--dataset", "refcoco"]) == 2
+    err = capsys.readouterr().err
+    assert "annotation 1000 names image [" in err and "Traceback" not in err, err
+
+
+def test_ablate_checks_its_arguments_before_any_work(tiny_ckpt, shapes_root, tmp_path, capsys):
+    base = ["ablate", "--model", str(tiny_ckpt), "--data-root", str(shapes_root), "--dataset", "shapes"]
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for extra, needle in ((["--batch-size", "0"], "--batch-size must be >= 1"),
+                          (["--out", str(tmp_path)], "is a folder"),
+                          (["--out", str(afile / "t.json")], "is a file, not a folder")):
+        assert main([*base, *extra]) == 2
+        one_error_line(capsys, "ablate", needle)
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"not really")
+    assert main(["ablate", "--model", str(onnx), "--data-root", str(shapes_root)]) == 2
+    one_error_line(capsys, "ablate", "give the model folder or checkpoint")
+    assert main(["export", str(onnx), "--onnx", "--out", str(tmp_path / "again.onnx")]) == 2
+    one_error_line(capsys, "export", "is already an ONNX file")
+
+
+def test_a_full_disk_at_the_end_is_one_line_and_says_where_the_results_are(tiny_ckpt, shapes_root, tmp_path, capsys,
+                                                                            monkeypatch):
+    import errno
+
+    import vglaw.predict
+
+    image = next((shapes_root / "images" / "shapes").glob("test_*.png"))
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(json.dumps({"image": str(image), "text": "the red circle"}) + "\n")
+    real_replace = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith(".predictions.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(vglaw.predict.os, "replace", full)
+    assert main(["predict", "--pairs", str(pairs), "--model", str(tiny_ckpt)]) == 2
+    lines = one_error_line(capsys, "predict", "No space left on device", "the results so far are in")
+    kept = Path(lines[0].rsplit(" ", 1)[-1])
+    assert kept.is_file() and json.loads(kept.read_text())["text"] == "the red circle"
+    # the same failure in a command without its own handling: one line, not a traceback
+    monkeypatch.setattr(vglaw.predict, "save_image", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o.png"))))
+    assert main(["predict", "--image", str(image), "--text", "x", "--model", str(tiny_ckpt),
+                 "--out", str(tmp_path / "o.png")]) == 2
+    one_error_line(capsys, "predict", "could not write", "No space left on device")

@@ -305,6 +305,13 @@ def test_serve_requests_take_turns_keep_their_results_and_explain_bad_input(tiny
         ground(grounder, lock, str(images[0]), " \n\t\n", False)
     with pytest.raises(UserError, match="upload an image"):
         ground(grounder, lock, None, "the red circle", False)
+    from vglaw.serve import MAX_EXPLAINED, MAX_EXPRESSIONS
+
+    many = "\n".join(["the red circle"] * (MAX_EXPRESSIONS + 1))
+    with pytest.raises(UserError, match=f"{MAX_EXPRESSIONS + 1} expressions in one request"):
+        ground(grounder, lock, str(images[0]), many, False)
+    with pytest.raises(UserError, match=f"up to {MAX_EXPLAINED} expressions"):
+        ground(grounder, lock, str(images[0]), "\n".join(["the red circle"] * (MAX_EXPLAINED + 1)), True)
     big = tmp_path / "big.png"
     Image.new("RGB", (5000, 3000), (90, 90, 90)).save(big)
     overlay, report, figures, note = ground(grounder, lock, str(big), "the red circle", True)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from vglaw.errors import UsageError
+
 CONDITIONS = {
     "as trained": "trained",
     "Φ = 0 (static backbone, heads read the expression)": "static",
@@ -91,12 +93,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="also write the table as JSON here")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     args = parser.parse_args(argv)
+    from vglaw.atomic import check_output
     from vglaw.data.refer import ReferDataset
     from vglaw.data.transforms import GroundingTransform
-    from vglaw.inference import load_model
+    from vglaw.inference import load_model, resolve_device
     from vglaw.predict import resolve_model
 
-    model = load_model(resolve_model(args.model), args.device)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    if args.out:
+        check_output(args.out, flag="--out")  # before minutes of work
+    source = resolve_model(args.model)
+    if str(source).endswith(".onnx"):
+        raise UsageError(f"{source}: the ablation swaps the language-adaptive weights inside the PyTorch model; "
+                         "give the model folder or checkpoint the ONNX file was exported from")
+    model = load_model(source, resolve_device(args.device))
     dataset = ReferDataset(args.data_root, args.dataset, args.split, args.split_by,
                            transform=GroundingTransform(model.img_size, keep_original=True))
     table = ablate(model, dataset, args.batch_size, args.limit)

@@ -1,6 +1,7 @@
 """`vglaw` command line: Lightning's fit / validate / test, plus predict, data and bench."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -17,6 +18,11 @@ USAGE = """usage: vglaw <command> [options]
 
 Run `vglaw <command> --help` for the options of each. A mistake in what you give (a file, a field,
 a value) is reported in one line per problem, with exit code 2."""
+
+
+# Failures of the place a command writes to (a full disk, a quota, a read-only or vanished
+# mount), found at the end of the work: one line, not a traceback.
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOENT)
 
 
 def count_devices(devices, accelerator: str = "auto") -> int:
@@ -169,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         for line in str(err).splitlines() or [type(err).__name__]:
             print(f"vglaw {command}: error: {line}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in OUTPUT_ERRNOS:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"vglaw {command}: error: could not write{where}: {err.strerror or err} (outputs are written whole or "
+              "not at all: no file was left half-written)", file=sys.stderr)
         return 2
     print(f"vglaw: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

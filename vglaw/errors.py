@@ -24,3 +24,8 @@ class UnsafeFileError(UserError, ValueError):
 
 class ModelOutputError(UserError, RuntimeError):
     """A model whose outputs are not numbers (NaN or infinity): its results are never written."""
+
+
+class OutputError(UserError, OSError):
+    """An output could not be written (a full disk, a vanished or read-only folder); the message
+    says where the work done so far is, when it was kept."""

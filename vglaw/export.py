@@ -35,6 +35,9 @@ def main(argv: list[str]) -> int:
     if args.onnx:
         from vglaw.onnx import export_onnx
 
+        if args.source.endswith(".onnx"):
+            raise UsageError(f"{args.source} is already an ONNX file; export from the model folder or checkpoint "
+                             "it came from")
         path, report = export_onnx(args.source, args.out)
         diffs = ", ".join(f"{k.split('/')[1]} {v:.1e}" for k, v in report.items() if k.startswith("max_abs/"))
         print(f"checked against PyTorch (3 expressions, another batch and length than traced): largest "

@@ -21,7 +21,7 @@ from pycocotools import mask as mask_utils
 
 from vglaw.atomic import atomic_write, check_output, save_image
 from vglaw.data.transforms import resize_mask_nearest
-from vglaw.errors import MissingFileError, UsageError
+from vglaw.errors import MissingFileError, OutputError, UsageError
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 OVERLAY_MIN_SIDE = 512  # smaller pictures are enlarged so the expressions fit as text
@@ -157,29 +157,35 @@ def predict_many(args, grounder) -> int:
     partial = output.with_name(f"{output.name}.{os.getpid()}.partial")
     done = skipped = 0
     records: dict[int, dict] = {n: {"line": n, "error": p} for n, p in bad}
-    with open(partial, "w") as out:
-        results = grounder.predict_pairs(((image, text) for _, image, text in pairs), args.batch_size,
-                                         keep_image=overlays is not None)
-        for (n, image, text), r in tqdm(zip(pairs, results), total=len(pairs), desc="predict", unit="pair"):
-            record = {"line": n, "image": str(image), "text": text}
-            if "error" in r:
-                skipped += 1
-                record["error"] = r["error"]
-                print(f"vglaw predict: skipped {'line' if args.pairs else 'pair'} {n}: {r['error']}", file=sys.stderr)
-            else:
-                done += 1
-                record.update({"height": r["size"][0], "width": r["size"][1], "box_format": "xyxy", **result_json(r)})
-                if overlays is not None:
-                    from vglaw.inference import slug
+    try:
+        with open(partial, "w") as out:
+            results = grounder.predict_pairs(((image, text) for _, image, text in pairs), args.batch_size,
+                                             keep_image=overlays is not None)
+            for (n, image, text), r in tqdm(zip(pairs, results), total=len(pairs), desc="predict", unit="pair"):
+                record = {"line": n, "image": str(image), "text": text}
+                if "error" in r:
+                    skipped += 1
+                    record["error"] = r["error"]
+                    where = "line" if args.pairs else "pair"
+                    print(f"vglaw predict: skipped {where} {n}: {r['error']}", file=sys.stderr)
+                else:
+                    done += 1
+                    record.update({"height": r["size"][0], "width": r["size"][1], "box_format": "xyxy",
+                                   **result_json(r)})
+                    if overlays is not None:
+                        from vglaw.inference import slug
 
-                    picture = draw_overlay(r.pop("working_image"), [r])
-                    record["overlay"] = str(save_image(picture, overlays / f"{slug(image)}-{n}.png"))
-            records[n] = record
-            while records and min(records) <= n:  # keep the input's order, bad lines included
-                out.write(json.dumps(records.pop(min(records))) + "\n")
-        for n in sorted(records):
-            out.write(json.dumps(records.pop(n)) + "\n")
-    os.replace(partial, output)
+                        picture = draw_overlay(r.pop("working_image"), [r])
+                        record["overlay"] = str(save_image(picture, overlays / f"{slug(image)}-{n}.png"))
+                records[n] = record
+                while records and min(records) <= n:  # keep the input's order, bad lines included
+                    out.write(json.dumps(records.pop(min(records))) + "\n")
+            for n in sorted(records):
+                out.write(json.dumps(records.pop(n)) + "\n")
+        os.replace(partial, output)
+    except OSError as err:  # a full disk or a vanished folder: say where the results so far are
+        kept = f"; the results so far are in {partial}" if partial.is_file() else ""
+        raise OutputError(f"could not write {output}: {err.strerror or err}{kept}") from err
     print(f"{done} pairs grounded, {skipped + len(bad)} skipped; results in {output}")
     return 0 if done or not (pairs or bad) else 2
 

@@ -46,6 +46,10 @@ def demo_examples(model, data_root: str | Path, n: int = 3) -> list[list[str]]:
     return [e for e in examples[:n] if Path(e[0]).is_file()]
 
 
+MAX_EXPRESSIONS = 16  # per request: one request must not hold the model (and every other user) for long
+MAX_EXPLAINED = 4  # explanation figures per request (each is a matplotlib figure, ~0.3 s)
+
+
 def ground(grounder, lock: threading.Lock, image_path: str | None, texts: str, explain: bool) -> tuple:
     """One request: (overlay, JSON results, explanation figures, a note), or a `UserError`."""
 
@@ -58,6 +62,12 @@ def ground(grounder, lock: threading.Lock, image_path: str | None, texts: str, e
     lines = [t for t in (texts or "").splitlines() if t.strip()]
     if not lines:
         raise UsageError("type at least one expression, one per line")
+    if len(lines) > MAX_EXPRESSIONS:
+        raise UsageError(f"{len(lines)} expressions in one request; the page grounds up to {MAX_EXPRESSIONS} at a "
+                         "time (use `vglaw predict --pairs` for many)")
+    if explain and len(lines) > MAX_EXPLAINED:
+        raise UsageError(f"explanations are drawn for up to {MAX_EXPLAINED} expressions at a time; "
+                         f"this request has {len(lines)}")
     lines = [check_expression(t) for t in lines]
     array, size = prepare_image(image_path)
     note = ""
@@ -95,11 +105,15 @@ def build_app(grounder, examples: list[list[str]] | None = None):
             raise gr.Error(str(err)) from err
         return overlay, report, figures, note
 
-    with gr.Blocks(title="vglaw: visual grounding with language-adaptive weights") as app:
+    # Uploads live in Gradio's cache; files older than an hour are removed every 10 minutes.
+    with gr.Blocks(title="vglaw: visual grounding with language-adaptive weights", delete_cache=(600, 3600)) as app:
         gr.Markdown("## vglaw\nGround referring expressions in an image: one expression per line.")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", label="image", elem_id="image")
+                # The uploaded file itself, as `vglaw predict` would read it: gr.Image would decode and
+                # re-encode it first (16-bit, CMYK, transparency and TIFFs would then differ).
+                image = gr.File(type="filepath", file_types=["image", ".tif", ".tiff"], label="image",
+                                elem_id="image")
                 texts = gr.Textbox(lines=3, label="expressions (one per line)", elem_id="texts",
                                    placeholder="the red circle\nthe star left of the blue square")
                 explain = gr.Checkbox(label="explain: which words drive which block", elem_id="explain")

@@ -373,48 +373,68 @@ class ReferDataset:
     def _index(self, refs: list, refs_path: Path, inst_path: Path) -> list[Sample]:
         samples: list[Sample] = []
         problems: list[str] = []
-        for ref in refs:
+        if not isinstance(refs, list):
+            raise UsageError(f"{refs_path}: holds a {type(refs).__name__}, not a list of refs")
+        for k, ref in enumerate(refs):
+            if not isinstance(ref, dict):
+                self._reject(f"entry {k} of {refs_path} is a {type(ref).__name__}, not a ref", problems)
+                continue
             if ref.get("split") != self.split:
                 continue
-            missing = [k for k in ("ref_id", "ann_id", "sentences") if k not in ref]
-            if missing:
-                self._reject(f"a ref in {refs_path} (ref_id {ref.get('ref_id')}) lacks {', '.join(missing)}", problems)
-                continue
-            ann = self.anns.get(ref["ann_id"])
-            if ann is None:
-                self._reject(f"ref {ref['ref_id']} in {refs_path} names annotation {ref['ann_id']}, "
-                             f"which is not in {inst_path}", problems)
-                continue
-            image = self.images.get(ann["image_id"])
-            if image is None:
-                self._reject(f"annotation {ann['id']} names image {ann['image_id']}, which is not in {inst_path}",
-                             problems)
-                continue
             try:
-                x, y, w, h = (float(v) for v in ann["bbox"])
-            except (KeyError, TypeError, ValueError):
-                self._reject(f"annotation {ann['id']} (ref {ref['ref_id']}) in {inst_path} has no [x, y, w, h] bbox",
-                             problems)
-                continue
-            if not (w >= 1 and h >= 1):
-                self._reject(f"annotation {ann['id']} (ref {ref['ref_id']}) has a degenerate box "
-                             f"{[x, y, w, h]} (w or h < 1 px)", problems)
-                continue
-            problem = segmentation_problem(ann, image)
-            if problem:
-                self._reject(f"annotation {ann['id']} (ref {ref['ref_id']}) in {inst_path}: {problem}", problems)
-                continue
-            for sent_id, text in self._sentences(ref, refs_path, problems):
-                samples.append(Sample(len(samples), ref["ref_id"], sent_id, ann["id"], image["id"],
-                                      text, self.image_dir / image["file_name"], (x, y, w, h)))
+                samples.extend(self._ref_samples(ref, refs_path, inst_path, problems, first_index=len(samples)))
+            except BadSampleError as err:
+                self._reject(str(err), problems)
+            except (TypeError, ValueError, KeyError, AttributeError) as err:
+                # a field of the wrong type (an id that is a list, a number that is a string,
+                # sentences that are None): one line naming the ref, whatever field it is
+                self._reject(f"ref {ref.get('ref_id')!r} in {refs_path} (or its annotation in {inst_path}) is "
+                             f"malformed: {type(err).__name__}: {err}", problems)
         self._report_skipped(problems)
         return samples
+
+    def _ref_samples(self, ref: dict, refs_path: Path, inst_path: Path, problems: list[str],
+                     first_index: int) -> list[Sample]:
+        """One ref's samples, or `BadSampleError` naming what is wrong with it."""
+        missing = [k for k in ("ref_id", "ann_id", "sentences") if k not in ref]
+        if missing:
+            raise BadSampleError(f"a ref in {refs_path} (ref_id {ref.get('ref_id')}) lacks {', '.join(missing)}")
+        for key in ("ref_id", "ann_id"):
+            if not isinstance(ref[key], int) or isinstance(ref[key], bool):
+                raise BadSampleError(f"ref {ref['ref_id']!r} in {refs_path}: {key} is {ref[key]!r}, not an integer id")
+        if not isinstance(ref["sentences"], list):
+            raise BadSampleError(f"ref {ref['ref_id']} in {refs_path}: sentences is {type(ref['sentences']).__name__}, "
+                                 "not a list")
+        ann = self.anns.get(ref["ann_id"])
+        if ann is None:
+            raise BadSampleError(f"ref {ref['ref_id']} in {refs_path} names annotation {ref['ann_id']}, "
+                                 f"which is not in {inst_path}")
+        image = self.images.get(ann["image_id"]) if isinstance(ann["image_id"], int) else None
+        if image is None:
+            raise BadSampleError(f"annotation {ann['id']} names image {ann['image_id']!r}, which is not in {inst_path}")
+        try:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+        except (KeyError, TypeError, ValueError):
+            raise BadSampleError(f"annotation {ann['id']} (ref {ref['ref_id']}) in {inst_path} has no [x, y, w, h] "
+                                 "bbox") from None
+        if not (w >= 1 and h >= 1):
+            raise BadSampleError(f"annotation {ann['id']} (ref {ref['ref_id']}) has a degenerate box "
+                                 f"{[x, y, w, h]} (w or h < 1 px)")
+        problem = segmentation_problem(ann, image)
+        if problem:
+            raise BadSampleError(f"annotation {ann['id']} (ref {ref['ref_id']}) in {inst_path}: {problem}")
+        if not isinstance(image.get("file_name"), str):
+            raise BadSampleError(f"image {image['id']} in {inst_path} has no file_name")
+        return [Sample(first_index + i, ref["ref_id"], sent_id, ann["id"], image["id"], text,
+                       self.image_dir / image["file_name"], (x, y, w, h))
+                for i, (sent_id, text) in enumerate(self._sentences(ref, refs_path, problems))]
 
     def _sentences(self, ref: dict, refs_path: Path, problems: list[str]):
         """(sent_id, cleaned text) of each of `ref`'s sentences; an empty one (or one of control
         and invisible characters only) is rejected (`_reject`)."""
         for sent in ref["sentences"]:
-            text = clean_text(sent.get("sent", "")) if isinstance(sent, dict) else ""
+            raw = sent.get("sent", "") if isinstance(sent, dict) else ""
+            text = clean_text(raw) if isinstance(raw, str) else ""
             sent_id = sent.get("sent_id") if isinstance(sent, dict) else None
             if not text:
                 self._reject(f"sentence {sent_id} of ref {ref['ref_id']} in {refs_path} is empty (or only "

@@ -22,6 +22,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 
 from vglaw.errors import MissingFileError, UnsafeFileError, UsageError
+from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, resolve_text_encoder
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -48,8 +49,6 @@ class ModelFolderMixin(
 
     def _text_from_package(self) -> bool:
         """True when the text encoder is the packaged MiniLM, frozen: its weights need no copy."""
-        from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, resolve_text_encoder
-
         frozen = not any(p.requires_grad for p in self.text.parameters())
         return frozen and self.text.source == resolve_text_encoder(DEFAULT_TEXT_ENCODER)
 
@@ -120,6 +119,58 @@ def is_local_path(name: str | Path) -> bool:
         text.startswith((".", "~"))
 
 
+# What a model folder's config.json may say, checked before anything is built: sizes within what
+# the architecture allows (a huge depth or image size would allocate until the machine gives out).
+INT_RANGES = {"img_size": (32, 2048), "patch_size": (4, 64), "embed_dim": (16, 2048), "depth": (1, 48),
+              "num_heads": (1, 64), "window_size": (0, 256), "groups": (1, 64), "reduction": (1, 64),
+              "rank": (1, 256), "lap_dim": (1, 1024), "mask_dim": (1, 2048), "stem_depth": (0, 16),
+              "seg_classes": (0, 10_000), "centre_dim": (1, 1024), "text_layers": (1, 48),
+              "text_cache_size": (0, 10_000_000)}
+FLOAT_RANGES = {"drop_path_rate": (0.0, 1.0)}
+TEXT_WEIGHTS = (TEXT_DIR, "package")  # the folder's own text_encoder/, or the packaged MiniLM
+
+
+def config_problems(config: dict[str, Any]) -> list[str]:
+    """What makes a model folder's config unusable, field by field (types, ranges, agreements,
+    where the text encoder comes from); empty when it is fit to build."""
+    problems = []
+    for key, (low, high) in INT_RANGES.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(f"{key} must be an integer, got {value!r}")
+        elif not low <= value <= high:
+            problems.append(f"{key} = {value} is outside {low}..{high}")
+    for key, (low, high) in FLOAT_RANGES.items():
+        value = config.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not low <= value <= high):
+            problems.append(f"{key} must be a number in {low}..{high}, got {value!r}")
+    if problems:
+        return problems
+    size, patch = config.get("img_size"), config.get("patch_size")
+    if size and patch and size % patch:
+        problems.append(f"img_size {size} is not a multiple of patch_size {patch}")
+    dim, heads = config.get("embed_dim"), config.get("num_heads")
+    if dim and heads and dim % heads:
+        problems.append(f"embed_dim {dim} is not divisible by num_heads {heads}")
+    windows, depth = config.get("window_block_indexes"), config.get("depth")
+    if windows is not None and (not isinstance(windows, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (depth or 0) for i in windows)):
+        problems.append(f"window_block_indexes must list blocks 0..{(depth or 1) - 1}, got {windows!r}")
+    text_weights = config.get("text_weights", TEXT_DIR)
+    if text_weights not in TEXT_WEIGHTS:
+        problems.append(f"text_weights must be one of {', '.join(TEXT_WEIGHTS)}, got {text_weights!r}")
+    elif text_weights == "package":
+        encoder = config.get("text_encoder") or DEFAULT_TEXT_ENCODER  # None: the class's default, the package
+        packaged = resolve_text_encoder(DEFAULT_TEXT_ENCODER)
+        if not isinstance(encoder, str) or resolve_text_encoder(encoder) != packaged:
+            problems.append(f"text_weights 'package' means the packaged {DEFAULT_TEXT_ENCODER!r} text encoder, but "
+                            f"text_encoder is {encoder!r}")
+    return problems
+
+
 def read_config(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -133,6 +184,9 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         raise UsageError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(config, dict) or "model_class" not in config:
         raise UsageError(f"{path}: not a vglaw model config (no 'model_class')")
+    problems = config_problems(config)
+    if problems:
+        raise UsageError(f"{path}: " + "; ".join(problems))
     return config
 
 

@@ -80,7 +80,7 @@ def test_upload_ground_and_read_the_result(page, shapes_root, tmp_path):
     image = next((shapes_root / "images" / "shapes").glob("test_*.png"))
     wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#image input[type=file]"))
     page.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(image))
-    wait_for(page, lambda d: image.name in d.find_element(By.CSS_SELECTOR, "#image").text)  # the file itself
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#image img"))
     page.find_element(By.CSS_SELECTOR, "#texts textarea").send_keys("the red circle\nthe leftmost square")
     page.find_element(By.CSS_SELECTOR, "#ground").click()
     result = wait_for(page, lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, "#overlay img")

@@ -110,10 +110,7 @@ def build_app(grounder, examples: list[list[str]] | None = None):
         gr.Markdown("## vglaw\nGround referring expressions in an image: one expression per line.")
         with gr.Row():
             with gr.Column():
-                # The uploaded file itself, as `vglaw predict` would read it: gr.Image would decode and
-                # re-encode it first (16-bit, CMYK, transparency and TIFFs would then differ).
-                image = gr.File(type="filepath", file_types=["image", ".tif", ".tiff"], label="image",
-                                elem_id="image")
+                image = gr.Image(type="filepath", label="image", elem_id="image")
                 texts = gr.Textbox(lines=3, label="expressions (one per line)", elem_id="texts",
                                    placeholder="the red circle\nthe star left of the blue square")
                 explain = gr.Checkbox(label="explain: which words drive which block", elem_id="explain")

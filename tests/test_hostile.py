@@ -625,4 +625,4 @@ def test_a_full_disk_at_the_end_is_one_line_and_says_where_the_results_are(tiny_
         OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o.png"))))
     assert main(["predict", "--image", str(image), "--text", "x", "--model", str(tiny_ckpt),
                  "--out", str(tmp_path / "o.png")]) == 2
-    one_error_line(capsys, "predict", "could not write", "No space left on device")
+    one_error_line(capsys, "predict", "o.png: No space left on device", "no file was left half-written")

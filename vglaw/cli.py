@@ -20,8 +20,8 @@ Run `vglaw <command> --help` for the options of each. A mistake in what you give
 a value) is reported in one line per problem, with exit code 2."""
 
 
-# Failures of the place a command writes to (a full disk, a quota, a read-only or vanished
-# mount), found at the end of the work: one line, not a traceback.
+# Failures of the place a command works in (a full disk, a quota, a read-only mount, a folder
+# that vanished under it), found at the end of the work: one line, not a traceback.
 OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOENT)
 
 
@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if err.errno not in OUTPUT_ERRNOS:
             raise
-        where = f" {err.filename}" if err.filename else ""
-        print(f"vglaw {command}: error: could not write{where}: {err.strerror or err} (outputs are written whole or "
-              "not at all: no file was left half-written)", file=sys.stderr)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"vglaw {command}: error: {where}{err.strerror or err} (outputs are written whole or not at all: no "
+              "file was left half-written)", file=sys.stderr)
         return 2
     print(f"vglaw: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

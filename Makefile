@@ -49,13 +49,13 @@ docs:
 	$(PYTHON) docs/src/render.py
 
 demo: $(STAMP)
-	$(PY) -m vglaw.demo --data $(SHAPES) --out $(OUT)
+	$(PY) -m vglaw.demo --data $(SHAPES) --out $(OUT) $(ARGS)
 
 serve: $(SERVE_STAMP)
 	$(VENV)/bin/vglaw serve $(if $(MODEL),--model $(MODEL),) $(ARGS)
 
 demo-gref: $(STAMP)
-	$(PY) -m vglaw.demo --generalised --data $(SHAPES) --out $(OUT_GREF)
+	$(PY) -m vglaw.demo --generalised --data $(SHAPES) --out $(OUT_GREF) $(ARGS)
 
 train: $(STAMP)
 	$(VENV)/bin/vglaw fit --config configs/$(DATASET).yaml --trainer.devices $(GPUS) --trainer.num_nodes $(NODES) $(ARGS)
@@ -65,10 +65,10 @@ eval: $(STAMP)
 	$(VENV)/bin/vglaw test --config configs/$(DATASET).yaml --ckpt_path $(CKPT) --trainer.devices $(GPUS) $(ARGS)
 
 bench: $(STAMP)
-	$(VENV)/bin/vglaw bench $(ARGS)
+	$(VENV)/bin/vglaw bench --overwrite $(ARGS)
 
 bench-quick: $(STAMP)
-	$(VENV)/bin/vglaw bench --quick $(ARGS)
+	$(VENV)/bin/vglaw bench --quick --overwrite $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs lightning_logs

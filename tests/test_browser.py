@@ -107,3 +107,29 @@ def test_an_empty_expression_is_a_message_in_the_page(page):
     box.send_keys("the blue square")
     page.find_element(By.CSS_SELECTOR, "#ground").click()
     wait_for(page, lambda d: "the blue square" in d.find_element(By.CSS_SELECTOR, "#json").text)
+
+
+def test_the_page_grounds_the_uploaded_file_itself(tiny_ckpt, shapes_root, tmp_path):
+    """Gradio's own image input saves an RGB copy of an upload; the page's hands over the file,
+    so a 16-bit or transparent picture is grounded exactly as `vglaw predict` grounds it."""
+    pytest.importorskip("gradio")
+    import threading
+
+    import numpy as np
+    from gradio.components.image import ImageData
+    from PIL import Image
+
+    from vglaw.inference import Grounder
+    from vglaw.predict import result_json
+    from vglaw.serve import ground, image_input
+
+    rgb = np.asarray(Image.open(next((shapes_root / "images" / "shapes").glob("test_*.png"))).convert("RGB"))
+    rgba = np.dstack([rgb, np.where(rgb.sum(-1) > 600, 0, 255).astype(np.uint8)])  # light pixels transparent
+    upload = tmp_path / "upload.png"
+    Image.fromarray(rgba, "RGBA").save(upload)
+    received = image_input().preprocess(ImageData(path=str(upload), orig_name="photo.png"))
+    assert Path(received).read_bytes() == upload.read_bytes()
+    grounder = Grounder(str(tiny_ckpt))
+    page = ground(grounder, threading.Lock(), received, "the red circle", False)[1]["results"]
+    cli = result_json(grounder.predict(str(upload), ["the red circle"])[0])
+    assert page[0]["box"] == cli["box"] and page[0]["mask_rle"] == cli["mask_rle"]

@@ -360,7 +360,7 @@ def test_extreme_images(tiny_ckpt, tmp_path, capsys):
     bomb = tmp_path / "bomb.png"
     Image.new("1", (20000, 15000)).save(bomb)  # a few kB on disk, 300 MP decoded
     assert main(["predict", "--image", str(bomb), "--text", "x", "--model", str(tiny_ckpt),
-                 "--out", str(tmp_path / "o.png")]) == 2
+                 "--out", str(tmp_path / "bomb-overlay.png")]) == 2
     one_error_line(capsys, "predict", "bomb.png", "300 MP", "limit")
 
 
@@ -571,6 +571,28 @@ def test_structural_type_errors_in_refs_are_one_line_naming_the_ref(tmp_path, ca
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
 
 
+@pytest.mark.parametrize("change,needle", [
+    (lambda refs: refs[0].update(ann_id=[[1000]]), "ann_id holds [1000], not an integer id"),
+    (lambda refs: refs[0].update(ann_id="1000"), "ann_id holds '1000', not an integer id"),
+    (lambda refs: refs[0].update(image_id="1"), "image_id holds '1', not an integer id"),
+    (lambda refs: refs[0].update(sentences=None), "sentences is NoneType, not a list"),
+    (lambda refs: refs[0]["sentences"].__setitem__(0, None), "is empty"),
+    (lambda refs: refs.insert(0, 7), "expected a list of refs"),
+])
+def test_structural_type_errors_in_generalised_refs_are_one_line_naming_the_ref(tmp_path, capsys, change, needle):
+    from tests.fixtures import write_grefcoco
+
+    write_grefcoco(tmp_path)
+    path = tmp_path / "grefcoco" / "grefs(unc).json"
+    refs = json.loads(path.read_text())
+    refs.sort(key=lambda r: r["split"] != "train")  # the first ref is one `data check` reads
+    change(refs)
+    path.write_text(json.dumps(refs))
+    assert main(["data", "check", "--root", str(tmp_path), "--dataset", "grefcoco"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+
+
 def test_an_annotation_with_a_list_for_its_image_id_is_named(tmp_path, capsys):
     write_refcoco(tmp_path)
     inst_path = tmp_path / "refcoco" / "instances.json"
@@ -626,3 +648,89 @@ def test_a_full_disk_at_the_end_is_one_line_and_says_where_the_results_are(tiny_
     assert main(["predict", "--image", str(image), "--text", "x", "--model", str(tiny_ckpt),
                  "--out", str(tmp_path / "o.png")]) == 2
     one_error_line(capsys, "predict", "o.png: No space left on device", "no file was left half-written")
+
+
+# ---- existing outputs: refused unless --overwrite ------------------------------------------
+
+def test_an_existing_output_is_refused_unless_overwrite_and_default_names_never_replace(
+        tiny_ckpt, shapes_root, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    image = tmp_path / "photo.png"
+    shutil.copy(next((shapes_root / "images" / "shapes").glob("test_*.png")), image)
+    base = ["predict", "--image", str(image), "--text", "the red circle", "--model", str(tiny_ckpt)]
+    mine = {name: tmp_path / name for name in ("o.png", "e.explain-0.png", "r.json")}
+    for name, path in mine.items():
+        path.write_text(f"mine: {name}")
+        flags = {"o.png": ["--out", str(path)], "e.explain-0.png": ["--out", str(tmp_path / "e.png"), "--explain"],
+                 "r.json": ["--out", str(tmp_path / "new.png"), "--json-out", str(path)]}[name]
+        assert main([*base, *flags]) == 2
+        one_error_line(capsys, "predict", f"{path} exists; add --overwrite")
+    assert all(p.read_text() == f"mine: {n}" for n, p in mine.items())
+    assert not (tmp_path / "new.png").exists() and not (tmp_path / "e.png").exists()  # refused before any work
+    # asked to, each is replaced
+    for out in ("o.png", "e.png"):
+        assert main([*base, "--out", str(tmp_path / out), "--explain", "--json-out", str(mine["r.json"]),
+                     "--overwrite"]) == 0
+    assert Image.open(mine["o.png"]).size and Image.open(mine["e.explain-0.png"]).size
+    assert json.loads(mine["r.json"].read_text())["overlay"] == str(tmp_path / "e.png")
+    # an output the user did not name takes a new name rather than replacing the earlier one
+    capsys.readouterr()
+    assert main([*base, "--json"]) == 0 and main([*base, "--json"]) == 0
+    first, second = (json.loads(r)["overlay"] for r in capsys.readouterr().out.split("\n}\n") if r.strip()
+                     for r in [r + "\n}"])
+    assert first != second and Path(first).is_file() and Path(second).is_file()
+    # batch mode: --output, and each picture of --overlays
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(json.dumps({"image": str(image), "text": "the red circle"}) + "\n")
+    results = tmp_path / "results.jsonl"
+    results.write_text("mine")
+    assert main(["predict", "--pairs", str(pairs), "--output", str(results), "--model", str(tiny_ckpt)]) == 2
+    one_error_line(capsys, "predict", "--output", "exists; add --overwrite")
+    assert main(["predict", "--pairs", str(pairs), "--overlays", str(tmp_path / "pics"),
+                 "--model", str(tiny_ckpt)]) == 0
+    picture = next((tmp_path / "pics").iterdir())
+    picture.write_text("mine")
+    assert main(["predict", "--pairs", str(pairs), "--overlays", str(tmp_path / "pics"),
+                 "--model", str(tiny_ckpt)]) == 2
+    one_error_line(capsys, "predict", "--overlays", "add --overwrite")
+    assert results.read_text() == "mine" and picture.read_text() == "mine"
+    # the default batch output, like the default overlay, takes a new name
+    assert (tmp_path / "p.predictions.jsonl").is_file() and (tmp_path / "p.predictions-2.jsonl").exists() is False
+
+
+def test_ablate_data_and_bench_refuse_an_existing_output(tiny_ckpt, shapes_root, tmp_path, capsys):
+    table = tmp_path / "table.json"
+    table.write_text("mine")
+    assert main(["ablate", "--model", str(tiny_ckpt), "--data-root", str(shapes_root), "--out", str(table)]) == 2
+    one_error_line(capsys, "ablate", f"{table} exists; add --overwrite")
+    assert main(["data", "shapes", "--out", str(shapes_root), "--train", "2", "--val", "1", "--test", "1"]) == 2
+    one_error_line(capsys, "data", "already holds a shapes dataset", "--overwrite")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "results.md").write_text("mine")
+    assert main(["bench", "--quick", "--out", str(tmp_path / "bench")]) == 2
+    one_error_line(capsys, "bench", "results.md exists; add --overwrite")
+    assert table.read_text() == "mine" and (tmp_path / "bench" / "results.md").read_text() == "mine"
+
+
+def test_fit_never_mixes_with_an_earlier_run_unasked(shapes_root, tmp_path, capsys):
+    args = ["fit", "--config", str(REPO / "configs" / "shapes.yaml"), f"--data.data_root={shapes_root}",
+            "--model.variant=vglaw_tiny_scratch", "--data.img_size=64", "--data.batch_size=4",
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.logger.init_args.version=mine", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
+            "--model.model_args.text_cache_size=0"]
+    run = tmp_path / "logs" / "mine"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_text("an earlier run's weights")
+    (run / "metrics.csv").write_text("epoch,step\n0,99\n")
+    assert main(args) == 2
+    one_error_line(capsys, "fit", "holds an earlier run", f"--ckpt_path {run / 'checkpoints' / 'last.ckpt'}",
+                   "--overwrite")
+    assert (run / "checkpoints" / "last.ckpt").read_text() == "an earlier run's weights"
+    assert (run / "metrics.csv").read_text() == "epoch,step\n0,99\n"
+    assert main([*args, "--overwrite"]) == 0
+    assert "removed the earlier run's" in capsys.readouterr().err
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    assert "0,99" not in (run / "metrics.csv").read_text()

@@ -106,7 +106,7 @@ def test_export_and_predict_from_folder_equal_the_checkpoint(tiny_ckpt, shapes_r
     for source in (str(tiny_ckpt), str(tmp_path / "model")):
         capsys.readouterr()
         assert main(["predict", "--image", str(image), "--text", "the red circle", "--model", source,
-                     "--out", str(tmp_path / "o.png"), "--json"]) == 0
+                     "--out", str(tmp_path / "o.png"), "--json", "--overwrite"]) == 0
         runs[source] = json.loads(capsys.readouterr().out)["results"][0]
     a, b = runs.values()
     assert a["box"] == b["box"] and a["mask_rle"] == b["mask_rle"] and a["score"] == b["score"]

@@ -86,7 +86,7 @@ def test_predict_through_onnxruntime_equals_pytorch(tiny_ckpt, shapes_root, tmp_
     for source in (tmp_path / "model", tmp_path / "model.onnx"):
         capsys.readouterr()
         assert main(["predict", "--image", str(image), "--text", "the red circle", "--text", "a big star",
-                     "--model", str(source), "--out", str(tmp_path / "o.png"), "--json"]) == 0
+                     "--model", str(source), "--out", str(tmp_path / "o.png"), "--json", "--overwrite"]) == 0
         reports.append(json.loads(capsys.readouterr().out)["results"])
     from vglaw.inference import Grounder
 
@@ -105,5 +105,24 @@ def test_predict_through_onnxruntime_equals_pytorch(tiny_ckpt, shapes_root, tmp_
     assert main(["export", "--onnx", str(tmp_path / "model"), "--out", str(tmp_path / "model.bin")]) == 2
     (tmp_path / "junk.onnx").write_bytes(b"not a graph")
     assert main(["predict", "--image", str(image), "--text", "x", "--model", str(tmp_path / "junk.onnx"),
-                 "--out", str(tmp_path / "o.png")]) == 2
+                 "--out", str(tmp_path / "new.png")]) == 2
     assert "not a usable ONNX model" in capsys.readouterr().err
+    # metadata that disagrees with the graph, or is malformed: one line naming the file and field
+    import onnx
+
+    for key, value, needle in (("vglaw_img_size", "448", "disagrees with the graph's images input"),
+                               ("vglaw_img_size", "0", "vglaw_img_size '0' is not an integer"),
+                               ("vglaw_img_size", "-64", "is not an integer"),
+                               ("vglaw_outputs", '["boxes"]', "disagrees with the graph's outputs"),
+                               ("vglaw_outputs", "{", "not a JSON list"),
+                               ("vglaw_text_encoder", "", "vglaw_text_encoder is missing")):
+        graph = onnx.load(str(tmp_path / "model.onnx"))
+        next(p for p in graph.metadata_props if p.key == key).value = value
+        bad = tmp_path / "bad.onnx"
+        onnx.save(graph, str(bad))
+        capsys.readouterr()
+        assert main(["predict", "--image", str(image), "--text", "x", "--model", str(bad),
+                     "--out", str(tmp_path / "new.png")]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"{bad}: metadata" in err and needle in err, (key, value, err)
+    assert not (tmp_path / "new.png").exists()

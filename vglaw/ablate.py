@@ -91,6 +91,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="only the first N sentences")
     parser.add_argument("--out", default=None, help="also write the table as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     args = parser.parse_args(argv)
     from vglaw.atomic import check_output
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if args.out:
-        check_output(args.out, flag="--out")  # before minutes of work
+        check_output(args.out, flag="--out", overwrite=args.overwrite)  # before minutes of work
     source = resolve_model(args.model)
     if str(source).endswith(".onnx"):
         raise UsageError(f"{source}: the ablation swaps the language-adaptive weights inside the PyTorch model; "

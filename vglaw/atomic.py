@@ -107,7 +107,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_output(path: str | Path, inputs: list[Path] = (), kind: str = "file", flag: str = "--out",
-                 outputs: dict[str, Path] | None = None, overwrite: bool = True) -> Path:
+                 outputs: dict[str, Path] | None = None, overwrite: bool = False) -> Path:
     """Refuse an output path before any work starts, in one line naming `flag`: a folder where a
     file goes (or a file where a folder goes, `kind="dir"`), an input of the run or a folder
     holding one (`inputs`), another output of the same run (`outputs`, by flag), an existing
@@ -135,7 +135,7 @@ def check_output(path: str | Path, inputs: list[Path] = (), kind: str = "file", 
         if _same_file(path, Path(other).expanduser()):
             raise UsageError(f"{flag} {path} is also {other_flag}; give each output its own name")
     if path.exists() and not overwrite:
-        raise UsageError(f"{flag} {path} exists; add --overwrite to replace it")
+        raise UsageError(f"{flag} {path} exists; add --overwrite to replace it, or give another name")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -144,3 +144,15 @@ def check_output(path: str | Path, inputs: list[Path] = (), kind: str = "file", 
     if not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write {path}: {parent} is not writable")
     return path
+
+
+def free_name(path: str | Path) -> Path:
+    """`path`, or the first of `stem-2.ext`, `stem-3.ext`, ... that does not exist: where an
+    output the user did not name goes, so a default name never replaces an earlier result."""
+    path = Path(path)
+    k = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+        k += 1
+    return candidate

@@ -256,7 +256,9 @@ def gpu_section(quick: bool) -> dict | None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vglaw bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (< 2 min on 2 cores)")
-    parser.add_argument("--out", default="bench", help="folder for results.json and results.md")
+    parser.add_argument("--out", default=None, help="folder for results.json and results.md (default: bench, the "
+                        "committed record; with --quick outputs/bench-quick)")
+    parser.add_argument("--overwrite", action="store_true", help="replace results.json / results.md that exist")
     parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "vglaw-bench-shapes"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
@@ -265,9 +267,10 @@ def main(argv: list[str]) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out} is a file; give a folder for results.json and results.md")
-    check_output(Path(args.out) / "results.json")  # writable, checked before minutes of work
+    args.out = args.out or ("outputs/bench-quick" if args.quick else "bench")
+    check_output(Path(args.out), kind="dir", overwrite=True)  # the folder may exist; its two files are checked
+    for name in ("results.json", "results.md"):  # before minutes of work
+        check_output(Path(args.out) / name, overwrite=args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     q = args.quick
@@ -289,13 +292,13 @@ def main(argv: list[str]) -> int:
     for key, fn in tqdm(steps, desc="bench", unit="part"):
         report[key] = fn()
     report["wall_s"] = time.time() - start
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
+    from vglaw.atomic import write_text
     from vglaw.bench_report import to_markdown
 
+    out = Path(args.out)
+    write_text(out / "results.json", json.dumps(report, indent=2))
     md = to_markdown(report)
-    (out / "results.md").write_text(md + "\n")
+    write_text(out / "results.md", md + "\n")
     print(md)
     print(f"\nwrote {out / 'results.json'} and {out / 'results.md'} in {report['wall_s']:.0f} s")
     return 0

@@ -73,8 +73,38 @@ def drop_logging_callbacks(trainer_cfg) -> list[str]:
     return dropped
 
 
+def refuse_earlier_run(trainer, ckpt_path: str | None, overwrite: bool) -> None:
+    """A `fit` that does not resume never mixes with, nor silently replaces, an earlier run's
+    checkpoints and metrics in the folders it writes to: refused in one line, or with
+    `--overwrite` those files are removed first (said on stderr)."""
+    import shutil
+
+    from vglaw.errors import UsageError
+    from vglaw.training.callbacks import run_files
+
+    found = [] if ckpt_path else run_files(trainer)
+    if not found:
+        return
+    if not overwrite:
+        last = next((p for p in found if p.name == "last.ckpt"), None)
+        resume = f"resume it with --ckpt_path {last}, " if last else ""
+        raise UsageError(f"{found[0].parent} holds an earlier run ({', '.join(p.name for p in found[:4])}"
+                         f"{', ...' if len(found) > 4 else ''}): {resume}write elsewhere (--trainer.default_root_dir "
+                         "or another logger version), or add --overwrite to replace it")
+    if trainer.is_global_zero:
+        for p in found:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        print(f"vglaw fit: --overwrite: removed the earlier run's {', '.join(str(p) for p in found)}", file=sys.stderr)
+
+
 def lightning_main(args: list[str]) -> None:
     from pytorch_lightning.cli import LightningCLI
+
+    # vglaw's own option, not Lightning's: `fit --overwrite` may replace an earlier run's files
+    # in the checkpoint and log folders it writes to (refused otherwise).
+    overwrite = "--overwrite" in args
+    explicit = args != sys.argv[1:]
+    args = [a for a in args if a != "--overwrite"]
 
     from vglaw.data.datamodule import ReferDataModule
     from vglaw.training.callbacks import Checkpoint, ExportModel, RNGState
@@ -105,6 +135,8 @@ def lightning_main(args: list[str]) -> None:
             from vglaw.training.callbacks import AtomicCheckpointIO
 
             trainer = super().instantiate_trainer(**kwargs)
+            if self.subcommand == "fit":
+                refuse_earlier_run(trainer, self.config["fit"].get("ckpt_path"), overwrite)
             if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
                 trainer.strategy.checkpoint_io = AtomicCheckpointIO()
             use_run_progress_bar(trainer, self._get(self.config_init, "trainer", default={}).get("callbacks"))
@@ -141,7 +173,7 @@ def lightning_main(args: list[str]) -> None:
 
             load_torch_file(path, "checkpoint (--ckpt_path)")
     # From the console LightningCLI reads sys.argv itself; explicit args are for calls from Python.
-    VGLAWCLI(VGLAWModule, ReferDataModule, args=None if args == sys.argv[1:] else args, seed_everything_default=0,
+    VGLAWCLI(VGLAWModule, ReferDataModule, args=args if explicit or overwrite else None, seed_everything_default=0,
              save_config_kwargs={"overwrite": True})
 
 

@@ -50,11 +50,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generalised", action="store_true", help="zero, one or many referred shapes (gRefCOCO-style)")
     parser.add_argument("--train", type=int, default=2000, help="training images to generate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
     parser.add_argument("extra", nargs="*", help="further `vglaw fit` overrides, e.g. --trainer.max_epochs=2")
     args = parser.parse_args(argv)
     mode = GENERALISED if args.generalised else SINGLE
     out, data, config = Path(args.out or mode["out"]), Path(args.data), args.config or mode["config"]
     start = time.time()
+    earlier = [p for p in (out / "logs" / "demo", out / "logs" / "demo_test") if p.is_dir() and any(p.iterdir())]
+    if earlier and not args.overwrite:
+        raise SystemExit(f"make demo: {out} holds an earlier demo run ({earlier[0]}); keep it and write elsewhere "
+                         f"(make {'demo-gref OUT_GREF' if args.generalised else 'demo OUT'}=another/folder), or "
+                         f"replace it (make {'demo-gref' if args.generalised else 'demo'} ARGS=--overwrite)")
+    replace = ["--overwrite"] if args.overwrite else []
+    if args.overwrite and (out / "logs" / "demo_test").is_dir():
+        import shutil
+
+        shutil.rmtree(out / "logs" / "demo_test")  # the earlier evaluation, whose metrics.csv would be appended to
 
     if not (data / mode["dataset"] / "instances.json").is_file():
         print(f"[1/4] generating the {mode['dataset']} dataset in {data}/")
@@ -65,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"--data.data_root={data}", f"--trainer.default_root_dir={out}",
               f"--trainer.logger.init_args.save_dir={out}", "--trainer.logger.init_args.version=demo"]
     print(f"[2/4] training a small VG-LAW from scratch on the CPU ({config})")
-    run(["fit", f"--config={config}", *common, *args.extra])
+    run(["fit", f"--config={config}", *common, *replace, *args.extra])
     ckpt = next((out / "logs" / "demo" / "checkpoints").glob("best-*.ckpt"))
     done, planned = schedule_summary(load_torch_file(out / "logs" / "demo" / "checkpoints" / "last.ckpt"))
     model_dir = out / "logs" / "demo" / "model"  # written by `vglaw fit` from the best checkpoint
@@ -83,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     image, texts = example_texts(data, args.generalised)
     overlay = out / "predict.png"
     run(["predict", "--image", str(image), "--model", str(model_dir), *(a for t in texts for a in ("--text", t)),
-         "--out", str(overlay), "--explain", "--json"])
+         "--out", str(overlay), "--explain", "--json", *replace])
 
     curves = read_metrics(out / "logs" / "demo" / "metrics.csv")
     curve = line_chart({k: curves[k] for k in mode["curves"] if k in curves}, out / "learning_curve.png",

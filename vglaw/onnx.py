@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from vglaw.errors import MissingFileError, UsageError
+from vglaw.errors import MissingFileError, UsageError, UserError
 
 OPSET = 17
 BOX_TOLERANCE = 1e-4  # largest |ONNX Runtime - PyTorch| of a normalised box coordinate an export may show
@@ -145,6 +145,40 @@ class _Text:
         self.source = resolve_text_encoder(source)
 
 
+INPUTS = ("images", "input_ids", "attention_mask")
+
+
+def metadata_problems(meta: dict[str, str], session) -> list[str]:
+    """What in an ONNX file's vglaw metadata is malformed or disagrees with its graph, one line
+    each: the metadata is data a user was handed, checked before it is used."""
+    from vglaw.models.hub import INT_RANGES
+
+    problems = []
+    size, (low, high) = meta.get("vglaw_img_size", ""), INT_RANGES["img_size"]
+    if not size.isdigit() or not low <= int(size) <= high:
+        problems.append(f"metadata vglaw_img_size {size!r} is not an integer in {low}..{high}")
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    if sorted(inputs) != sorted(INPUTS):
+        problems.append(f"the graph's inputs are {sorted(inputs)}, not {list(INPUTS)}")
+    elif not problems:
+        side = [d for d in inputs["images"][2:] if isinstance(d, int)]
+        if len(inputs["images"]) != 4 or any(d != int(size) for d in side):
+            problems.append(f"metadata vglaw_img_size {size} disagrees with the graph's images input "
+                            f"{inputs['images']}")
+    try:
+        names = json.loads(meta.get("vglaw_outputs", ""))
+    except json.JSONDecodeError:
+        names = None
+    graph = [o.name for o in session.get_outputs()]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        problems.append("metadata vglaw_outputs is not a JSON list of output names")
+    elif sorted(names) != sorted(graph) or not ({"boxes", "mask_logits"} & set(names)):
+        problems.append(f"metadata vglaw_outputs {names} disagrees with the graph's outputs {graph}")
+    if not isinstance(meta.get("vglaw_text_encoder"), str) or not meta.get("vglaw_text_encoder"):
+        problems.append("metadata vglaw_text_encoder is missing")
+    return problems
+
+
 class OnnxModel:
     """An exported model run by ONNX Runtime; called like the PyTorch model (tensors in, a dict
     of tensors out), so `Grounder` and everything after it is shared.
@@ -178,8 +212,14 @@ class OnnxModel:
         meta = self.session.get_modelmeta().custom_metadata_map
         if "vglaw_img_size" not in meta:
             raise UsageError(f"{path}: not exported by `vglaw export --onnx` (no vglaw metadata)")
+        problems = metadata_problems(meta, self.session)
+        if problems:
+            raise UsageError("\n".join(f"{path}: {p}" for p in problems))
         self.img_size = int(meta["vglaw_img_size"])
-        self.text = _Text(meta["vglaw_text_encoder"])
+        try:
+            self.text = _Text(meta["vglaw_text_encoder"])
+        except UserError as err:
+            raise UsageError(f"{path}: metadata vglaw_text_encoder: {err}") from err
         self.names = json.loads(meta["vglaw_outputs"])
         self.source = str(path)
         self.device = torch.device("cpu")  # ONNX Runtime's CPU provider: inputs go and outputs come back here

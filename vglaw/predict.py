@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from vglaw.atomic import atomic_write, check_output, save_image
+from vglaw.atomic import atomic_write, check_output, free_name, save_image
 from vglaw.data.transforms import resize_mask_nearest
 from vglaw.errors import MissingFileError, OutputError, UsageError
 
@@ -137,20 +137,61 @@ def read_pairs(args) -> tuple[list[tuple[int, object, str]], list[tuple[int, str
 
 
 def batch_output(args) -> Path:
-    """Where batch results go (--output, or `<pairs>.predictions.jsonl`), checked: never the
-    pairs or texts file it reads."""
+    """Where batch results go, checked: --output (an existing one only with --overwrite), or
+    the first free `<pairs>.predictions[-N].jsonl`; never the pairs or texts file it reads."""
     source = Path(args.pairs or args.images)
     inputs = [source] + ([Path(args.texts)] if args.texts else [])
-    return check_output(Path(args.output or source.with_suffix("").as_posix() + ".predictions.jsonl"), inputs,
-                        flag="--output")
+    if args.output:
+        return check_output(Path(args.output), inputs, flag="--output", overwrite=args.overwrite)
+    return check_output(free_name(source.with_suffix("").as_posix() + ".predictions.jsonl"), inputs, flag="--output")
 
 
-def predict_many(args, grounder) -> int:
+def overlay_paths(args, pairs) -> dict[int, Path]:
+    """--overlays: the picture of each pair by line, checked before any work (an existing one
+    only with --overwrite)."""
+    if not args.overlays:
+        return {}
+    from vglaw.inference import slug
+
+    folder = check_output(Path(args.overlays), [Path(args.pairs or args.images)], kind="dir", flag="--overlays",
+                          overwrite=True)  # the folder may exist; each file in it is checked
+    paths = {n: folder / f"{slug(image)}-{n}.png" for n, image, _ in pairs}
+    existing = [p for p in paths.values() if p.exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"--overlays {folder} already holds {len(existing)} of this run's pictures (e.g. "
+                         f"{existing[0].name}); add --overwrite to replace them, or give another folder")
+    return paths
+
+
+def single_outputs(args) -> tuple[Path, list[Path]]:
+    """The overlay and (with --explain) the explanation figures of `--image`, checked before any
+    work: named ones exist only with --overwrite; with no --out, the first free default name."""
+    from vglaw.inference import slug
+
+    explain = lambda out: [out.with_name(f"{out.stem}.explain-{k}.png") for k in range(len(args.text))]  # noqa: E731
+    if args.out:
+        out = check_output(Path(args.out), [Path(args.image)], kind="image", overwrite=args.overwrite)
+        figures = explain(out) if args.explain else []
+        for figure in figures:
+            check_output(figure, [Path(args.image)], kind="image", flag="--explain", overwrite=args.overwrite)
+    else:
+        base, k = Path("outputs/predict") / slug(args.image), 1
+        out = base.with_suffix(".png")
+        while any(p.exists() for p in [out, *explain(out)]):  # a name of its own, figures included
+            k += 1
+            out = base.with_name(f"{base.name}-{k}.png")
+        out = check_output(out, [Path(args.image)], kind="image")
+        figures = explain(out) if args.explain else []
+    if args.json_out:
+        check_output(Path(args.json_out), [Path(args.image)], flag="--json-out",
+                     outputs={"--out": out, **{f"--explain figure {k}": f for k, f in enumerate(figures)}},
+                     overwrite=args.overwrite)
+    return out, figures
+
+
+def predict_many(args, grounder, pairs: list, bad: list, output: Path, overlays: dict[int, Path]) -> int:
     from tqdm import tqdm
 
-    pairs, bad = read_pairs(args)
-    output = batch_output(args)
-    overlays = Path(args.overlays) if args.overlays else None
     for n, problem in bad:
         print(f"vglaw predict: skipped line {n}: {problem}", file=sys.stderr)
     # per run, so two runs writing the same --output never share (and mix) one partial file
@@ -160,7 +201,7 @@ def predict_many(args, grounder) -> int:
     try:
         with open(partial, "w") as out:
             results = grounder.predict_pairs(((image, text) for _, image, text in pairs), args.batch_size,
-                                             keep_image=overlays is not None)
+                                             keep_image=bool(overlays))
             for (n, image, text), r in tqdm(zip(pairs, results), total=len(pairs), desc="predict", unit="pair"):
                 record = {"line": n, "image": str(image), "text": text}
                 if "error" in r:
@@ -172,11 +213,8 @@ def predict_many(args, grounder) -> int:
                     done += 1
                     record.update({"height": r["size"][0], "width": r["size"][1], "box_format": "xyxy",
                                    **result_json(r)})
-                    if overlays is not None:
-                        from vglaw.inference import slug
-
-                        picture = draw_overlay(r.pop("working_image"), [r])
-                        record["overlay"] = str(save_image(picture, overlays / f"{slug(image)}-{n}.png"))
+                    if overlays:
+                        record["overlay"] = str(save_image(draw_overlay(r.pop("working_image"), [r]), overlays[n]))
                 records[n] = record
                 while records and min(records) <= n:  # keep the input's order, bad lines included
                     out.write(json.dumps(records.pop(min(records))) + "\n")
@@ -190,24 +228,16 @@ def predict_many(args, grounder) -> int:
     return 0 if done or not (pairs or bad) else 2
 
 
-def predict_one(args, grounder) -> int:
-    from vglaw.inference import prepare_image, slug
+def predict_one(args, grounder, out: Path, figures: list[Path]) -> int:
+    from vglaw.inference import prepare_image
 
-    out = Path(args.out) if args.out else Path("outputs/predict") / f"{slug(args.image)}.png"
-    check_output(out, [Path(args.image)], kind="image")
-    if args.json_out:
-        check_output(Path(args.json_out), [Path(args.image)], flag="--json-out",
-                     outputs={"--out": out})
     array, size = prepare_image(args.image)
     results = grounder.run([grounder.prepare(array, size, t) for t in args.text], return_attention=args.explain)
     save_image(draw_overlay(array, results), out)
-    figures = []
     if args.explain:
         from vglaw.explain import explain_figure
 
-        for k, r in enumerate(results):
-            figures.append(str(explain_figure(array, r, out.with_name(f"{out.stem}.explain-{k}.png"),
-                                              grounder.img_size)))
+        figures = [str(explain_figure(array, r, figure, grounder.img_size)) for r, figure in zip(results, figures)]
     report = {"image": str(args.image), "height": size[0], "width": size[1], "box_format": "xyxy",
               "model": str(getattr(grounder.model, "source", "")), "results": [result_json(r) for r in results],
               "overlay": str(out), **({"explain": figures} if figures else {})}
@@ -239,7 +269,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--texts", help="file of expressions, one per line (with --images)")
     parser.add_argument("--model", "--ckpt", dest="model", default=None,
                         help="model folder, hub id, training .ckpt or .onnx (default: the latest written here)")
-    parser.add_argument("--out", default=None, help="overlay PNG (default: outputs/predict/<image>-<hash>.png)")
+    parser.add_argument("--out", default=None, help="overlay PNG (default: outputs/predict/<image>-<hash>[-N].png, "
+                        "a new name when one exists)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument("--json-out", default=None, help="also write the JSON to this file")
     parser.add_argument("--explain", action="store_true", help="per expression, a PNG of the block x word "
@@ -248,6 +279,8 @@ def main(argv: list[str]) -> int:
                         help="batch mode: results JSONL (default: <input>.predictions.jsonl)")
     parser.add_argument("--overlays", default=None,
                         help="batch mode: also write an overlay per pair to this folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace outputs named by --out, --json-out, --output or in --overlays that exist")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     args = parser.parse_args(argv)
@@ -262,14 +295,14 @@ def main(argv: list[str]) -> int:
         args.text = [check_expression(t, "--text") for t in args.text]
         if not Path(args.image).is_file():
             raise MissingFileError(f"image not found: {args.image}")
-        out = Path(args.out) if args.out else Path("outputs/predict") / "x.png"
-        check_output(out, [Path(args.image)], kind="image")
-        if args.json_out:
-            check_output(Path(args.json_out), [Path(args.image)], flag="--json-out",
-                         outputs={"--out": out})
-    else:
-        batch_output(args)  # before the model is loaded
+        out, figures = single_outputs(args)
+    else:  # every output checked before the model is loaded
+        output = batch_output(args)
+        pairs, bad = read_pairs(args)
+        overlays = overlay_paths(args, pairs)
     from vglaw.inference import Grounder, resolve_device
 
     grounder = Grounder(resolve_model(args.model), resolve_device(args.device))
-    return predict_many(args, grounder) if batch else predict_one(args, grounder)
+    if batch:
+        return predict_many(args, grounder, pairs, bad, output, overlays)
+    return predict_one(args, grounder, out, figures)

@@ -92,6 +92,20 @@ def ground(grounder, lock: threading.Lock, image_path: str | None, texts: str, e
     return overlay, report, figures, note
 
 
+def image_input(**kwargs):
+    """The page's image input: it hands the request the uploaded file itself, as `vglaw predict`
+    reads it.
+
+    `gr.Image`'s default `image_mode="RGB"` decodes an upload and saves an RGB copy (16-bit,
+    RGBA, CMYK and palette files change on the way, and a TIFF the CLI refuses would be
+    grounded); with `image_mode=None` and `type="filepath"` Gradio passes the original file's
+    path, so the page answers exactly as the CLI does for the same file.
+    """
+    import gradio as gr
+
+    return gr.Image(type="filepath", image_mode=None, **kwargs)
+
+
 def build_app(grounder, examples: list[list[str]] | None = None):
     """The Gradio page around one loaded `Grounder`."""
     import gradio as gr
@@ -110,7 +124,7 @@ def build_app(grounder, examples: list[list[str]] | None = None):
         gr.Markdown("## vglaw\nGround referring expressions in an image: one expression per line.")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", label="image", elem_id="image")
+                image = image_input(label="image", elem_id="image")
                 texts = gr.Textbox(lines=3, label="expressions (one per line)", elem_id="texts",
                                    placeholder="the red circle\nthe star left of the blue square")
                 explain = gr.Checkbox(label="explain: which words drive which block", elem_id="explain")

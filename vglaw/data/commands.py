@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from vglaw.data.grefer import GReferDataset
 from vglaw.data.refer import DEFAULT_SPLIT_BY, GENERALISED, SPLITS, BadSampleError, ReferDataset
@@ -52,6 +53,7 @@ def main(argv: list[str]) -> int:
     s.add_argument("--test", type=int, default=200, help="test images")
     s.add_argument("--generalised", action="store_true",
                    help="also expressions naming several shapes or none, in gRefCOCO's format (OUT/gshapes)")
+    s.add_argument("--overwrite", action="store_true", help="replace a dataset of the same name already in OUT")
     c = sub.add_parser("check", help="check a prepared refer-format folder and print per-split counts")
     c.add_argument("--root", default="data")
     c.add_argument("--dataset", required=True, choices=sorted(SPLITS))
@@ -65,6 +67,11 @@ def main(argv: list[str]) -> int:
         for name in ("train", "val", "test"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name} must be >= 1 image, got {getattr(args, name)}")
+        name = "gshapes" if args.generalised else "shapes"
+        for folder in (Path(args.out) / name, Path(args.out) / "images" / name):
+            if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
+                raise UsageError(f"--out {args.out}: {folder} already holds a {name} dataset; add --overwrite to "
+                                 "replace it, or give another --out")
         counts = generate(args.out, args.seed, {"train": args.train, "val": args.val, "test": args.test},
                           generalised=args.generalised)
     else:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vglaw.data.refer import ReferDataset, ann_to_mask, segmentation_problem
+from vglaw.data.refer import BadSampleError, ReferDataset, ann_to_mask, segmentation_problem
 from vglaw.errors import UsageError
 
 
@@ -59,56 +59,56 @@ class GReferDataset(ReferDataset):
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UsageError(f"{path}: not valid JSON ({err})") from err
 
-    def _index(self, refs: list, refs_path: Path, inst_path: Path) -> list[GSample]:
-        samples: list[GSample] = []
-        problems: list[str] = []
-        for ref in refs:
-            if ref.get("split") != self.split:
-                continue
-            missing = [k for k in ("ref_id", "ann_id", "image_id", "sentences") if k not in ref]
-            if missing:
-                self._reject(f"a ref in {refs_path} (ref_id {ref.get('ref_id')}) lacks {', '.join(missing)}", problems)
-                continue
-            sent_ids = [s.get("sent_id") for s in ref["sentences"] if isinstance(s, dict)]
-            where = f"ref {ref['ref_id']} (sentences {sent_ids}) in {refs_path}"
-            ids = ref["ann_id"] if isinstance(ref["ann_id"], list) else [ref["ann_id"]]
-            if not ids:
-                self._reject(f"{where} has an empty ann_id list (use [-1] for no target)", problems)
-                continue
-            if -1 in ids and len(ids) > 1:
-                self._reject(f"{where} mixes -1 (no target) with real annotation ids {ids}", problems)
-                continue
-            ids = [] if ids == [-1] else ids
-            image = self.images.get(ref["image_id"])
-            if image is None:
-                self._reject(f"{where} names image {ref['image_id']}, which is not in {inst_path}", problems)
-                continue
-            anns, bad = [], None
-            for ann_id in ids:
-                ann = self.anns.get(ann_id)
-                if ann is None:
-                    bad = f"{where} names annotation {ann_id}, which is not in {inst_path}"
-                elif ann["image_id"] != image["id"]:
-                    bad = f"{where}: annotation {ann_id} belongs to image {ann['image_id']}, not {image['id']}"
-                else:
-                    x, y, w, h = (float(v) for v in ann.get("bbox", (0, 0, 0, 0)))
-                    if not (w >= 1 and h >= 1):
-                        bad = f"{where}: annotation {ann_id} has a degenerate box {[x, y, w, h]} (w or h < 1 px)"
-                    else:
-                        bad = segmentation_problem(ann, image)
-                        bad = f"{where}: annotation {ann_id}: {bad}" if bad else None
-                if bad:
-                    break
-                anns.append(ann)
+    def _ref_samples(self, ref: dict, refs_path: Path, inst_path: Path, problems: list[str],
+                     first_index: int) -> list[GSample]:
+        """One generalised ref's samples, or `BadSampleError` naming what is wrong with it (the
+        structural loop, and `skip_invalid`, are `ReferDataset._index`'s)."""
+        missing = [k for k in ("ref_id", "ann_id", "image_id", "sentences") if k not in ref]
+        if missing:
+            raise BadSampleError(f"a ref in {refs_path} (ref_id {ref.get('ref_id')}) lacks {', '.join(missing)}")
+        if not isinstance(ref["sentences"], list):
+            raise BadSampleError(f"ref {ref['ref_id']!r} in {refs_path}: sentences is "
+                                 f"{type(ref['sentences']).__name__}, not a list")
+        sent_ids = [s.get("sent_id") for s in ref["sentences"] if isinstance(s, dict)]
+        where = f"ref {ref['ref_id']!r} (sentences {sent_ids}) in {refs_path}"
+        ids = ref["ann_id"] if isinstance(ref["ann_id"], list) else [ref["ann_id"]]
+        for key, values in (("ref_id", [ref["ref_id"]]), ("image_id", [ref["image_id"]]), ("ann_id", ids)):
+            bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool)]
             if bad:
-                self._reject(bad, problems)
-                continue
-            boxes = tuple(tuple(float(v) for v in a["bbox"]) for a in anns)
-            for sent_id, text in self._sentences(ref, refs_path, problems):
-                samples.append(GSample(len(samples), ref["ref_id"], sent_id, tuple(ids), image["id"],
-                                       text, self.image_dir / image["file_name"], boxes))
-        self._report_skipped(problems)
-        return samples
+                raise BadSampleError(f"{where}: {key} holds {bad[0]!r}, not an integer id")
+        if not ids:
+            raise BadSampleError(f"{where} has an empty ann_id list (use [-1] for no target)")
+        if -1 in ids and len(ids) > 1:
+            raise BadSampleError(f"{where} mixes -1 (no target) with real annotation ids {ids}")
+        ids = [] if ids == [-1] else ids
+        image = self.images.get(ref["image_id"])
+        if image is None:
+            raise BadSampleError(f"{where} names image {ref['image_id']}, which is not in {inst_path}")
+        if not isinstance(image.get("file_name"), str):
+            raise BadSampleError(f"image {image['id']} in {inst_path} has no file_name")
+        anns = []
+        for ann_id in ids:
+            ann = self.anns.get(ann_id)
+            if ann is None:
+                raise BadSampleError(f"{where} names annotation {ann_id}, which is not in {inst_path}")
+            if ann["image_id"] != image["id"]:
+                raise BadSampleError(f"{where}: annotation {ann_id} belongs to image {ann['image_id']}, "
+                                     f"not {image['id']}")
+            try:
+                x, y, w, h = (float(v) for v in ann["bbox"])
+            except (KeyError, TypeError, ValueError):
+                raise BadSampleError(f"{where}: annotation {ann_id} in {inst_path} has no [x, y, w, h] bbox") from None
+            if not (w >= 1 and h >= 1):
+                raise BadSampleError(f"{where}: annotation {ann_id} has a degenerate box {[x, y, w, h]} "
+                                     "(w or h < 1 px)")
+            problem = segmentation_problem(ann, image)
+            if problem:
+                raise BadSampleError(f"{where}: annotation {ann_id}: {problem}")
+            anns.append(ann)
+        boxes = tuple(tuple(float(v) for v in a["bbox"]) for a in anns)
+        return [GSample(first_index + i, ref["ref_id"], sent_id, tuple(ids), image["id"], text,
+                        self.image_dir / image["file_name"], boxes)
+                for i, (sent_id, text) in enumerate(self._sentences(ref, refs_path, problems))]
 
     def load(self, index: int) -> dict:
         """The raw sample: image, text, "bboxes" (N, 4) COCO boxes, the union "mask" (H, W)

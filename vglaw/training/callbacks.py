@@ -116,3 +116,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
         with atomic_write(path) as f:
             torch.save(checkpoint, f)
+
+
+def run_files(trainer: pl.Trainer) -> list[Path]:
+    """What an earlier run left where this `fit` will write: checkpoints in the checkpoint
+    folder, `metrics.csv` and the exported `model/` in the log folder. Empty for a new folder
+    (Lightning's default: a new `version_N` per run); not empty when the version or the
+    checkpoint folder is fixed (e.g. `make demo`'s)."""
+    cb = trainer.checkpoint_callback
+    logger = trainer.loggers[0] if trainer.loggers else None
+    log_dir = Path(getattr(logger, "log_dir", None) or trainer.default_root_dir)
+    ckpt_dir = Path(cb.dirpath) if cb is not None and cb.dirpath else log_dir / "checkpoints"
+    found = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    found += [p for p in (log_dir / "metrics.csv", log_dir / "model") if p.exists()]
+    return found

@@ -49,13 +49,13 @@ docs:
 	$(PYTHON) docs/src/render.py
 
 demo: $(STAMP)
-	$(PY) -m vglaw.demo --data $(SHAPES) --out $(OUT) $(ARGS)
+	$(PY) -m vglaw.commands.demo --data $(SHAPES) --out $(OUT) $(ARGS)
 
 serve: $(SERVE_STAMP)
 	$(VENV)/bin/vglaw serve $(if $(MODEL),--model $(MODEL),) $(ARGS)
 
 demo-gref: $(STAMP)
-	$(PY) -m vglaw.demo --generalised --data $(SHAPES) --out $(OUT_GREF) $(ARGS)
+	$(PY) -m vglaw.commands.demo --generalised --data $(SHAPES) --out $(OUT_GREF) $(ARGS)
 
 train: $(STAMP)
 	$(VENV)/bin/vglaw fit --config configs/$(DATASET).yaml --trainer.devices $(GPUS) --trainer.num_nodes $(NODES) $(ARGS)

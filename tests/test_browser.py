@@ -37,7 +37,7 @@ def page(tiny_ckpt, tmp_path_factory):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    from vglaw.export import export_checkpoint
+    from vglaw.models.loading import export_checkpoint
 
     model = os.environ.get("VGLAW_SERVE_MODEL") or str(export_checkpoint(tiny_ckpt,
                                                                           tmp_path_factory.mktemp("m") / "model"))
@@ -119,9 +119,9 @@ def test_the_page_grounds_the_uploaded_file_itself(tiny_ckpt, shapes_root, tmp_p
     from gradio.components.image import ImageData
     from PIL import Image
 
+    from vglaw.commands.serve import ground, image_input
     from vglaw.inference import Grounder
-    from vglaw.predict import result_json
-    from vglaw.serve import ground, image_input
+    from vglaw.inference.results import result_json
 
     rgb = np.asarray(Image.open(next((shapes_root / "images" / "shapes").glob("test_*.png"))).convert("RGB"))
     rgba = np.dstack([rgb, np.where(rgb.sum(-1) > 600, 0, 255).astype(np.uint8)])  # light pixels transparent

@@ -4,10 +4,10 @@ import pickle
 import pytest
 import torch
 
+from vglaw.io.safe_pickle import UnsafePickleError, plain_load
 from vglaw.models.checkpoint import load_visual_weights
 from vglaw.models.geometry import crop_rel_pos, fit_rel_pos, resize_abs_pos, resize_rel_pos
 from vglaw.models.vitdet import ViTDet
-from vglaw.safe_pickle import UnsafePickleError, plain_load
 
 KW = dict(embed_dim=32, depth=2, num_heads=2, window_size=2, window_block_indexes=(0,), drop_path_rate=0.0)
 

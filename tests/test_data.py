@@ -14,8 +14,9 @@ from tests.fixtures import coco_name, write_refcoco
 from vglaw.data.datamodule import ReferDataModule
 from vglaw.data.expressions import parse, resolve
 from vglaw.data.refer import BadSampleError, ReferDataset, load_rgb
-from vglaw.data.transforms import GroundingTransform, boxes_to_original, flip_text, has_direction_word, mask_to_original
-from vglaw.safe_pickle import UnsafePickleError
+from vglaw.data.transforms import GroundingTransform, flip_text, has_direction_word
+from vglaw.io.safe_pickle import UnsafePickleError
+from vglaw.models.postprocess import boxes_to_original, mask_to_original
 
 REPO = Path(__file__).resolve().parents[1]
 

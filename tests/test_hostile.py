@@ -67,7 +67,7 @@ def test_no_command_runs_code_from_a_checkpoint(tiny_ckpt, shapes_root, tmp_path
 # ---- nothing half-written ----------------------------------------------------------------
 
 def test_failed_write_leaves_the_old_file_and_no_debris(tmp_path, monkeypatch):
-    from vglaw import atomic
+    from vglaw.io import atomic
 
     target = tmp_path / "metrics.json"
     target.write_text('{"old": true}')
@@ -86,7 +86,7 @@ def test_failed_write_leaves_the_old_file_and_no_debris(tmp_path, monkeypatch):
 
 
 def test_concurrent_writers_never_interleave(tmp_path):
-    from vglaw.atomic import save_image
+    from vglaw.io.atomic import save_image
 
     target = tmp_path / "overlay.png"
     pictures = [Image.fromarray(np.full((300, 300, 3), v, dtype=np.uint8)) for v in (30, 220)]
@@ -416,7 +416,7 @@ def test_a_100_megapixel_photo_within_the_stated_memory_bound(tiny_ckpt, tmp_pat
 
 
 def test_atomic_outputs_have_ordinary_permissions(tmp_path):
-    from vglaw.atomic import atomic_dir, write_text
+    from vglaw.io.atomic import atomic_dir, write_text
 
     old = os.umask(0o022)
     try:
@@ -456,7 +456,8 @@ def test_nan_weights_are_refused_and_nan_outputs_never_written(tiny_ckpt, shapes
     from safetensors.torch import load_file, save_file
 
     from vglaw.errors import ModelOutputError
-    from vglaw.inference import Grounder, model_from_checkpoint
+    from vglaw.inference import Grounder
+    from vglaw.models.loading import model_from_checkpoint
 
     model = model_from_checkpoint(tiny_ckpt)
     model.save_pretrained(tmp_path / "m")
@@ -540,7 +541,7 @@ def test_export_never_replaces_what_exists_unasked_nor_its_source(tiny_ckpt, tmp
 ])
 def test_model_folder_configs_are_checked_before_anything_is_built(tiny_ckpt, shapes_root, tmp_path, capsys, change,
                                                                    needle):
-    from vglaw.inference import model_from_checkpoint
+    from vglaw.models.loading import model_from_checkpoint
 
     image = next((shapes_root / "images" / "shapes").glob("test_*.png"))
     model_from_checkpoint(tiny_ckpt).save_pretrained(tmp_path / "m")
@@ -625,7 +626,7 @@ def test_a_full_disk_at_the_end_is_one_line_and_says_where_the_results_are(tiny_
                                                                             monkeypatch):
     import errno
 
-    import vglaw.predict
+    import vglaw.commands.predict
 
     image = next((shapes_root / "images" / "shapes").glob("test_*.png"))
     pairs = tmp_path / "p.jsonl"
@@ -637,13 +638,13 @@ def test_a_full_disk_at_the_end_is_one_line_and_says_where_the_results_are(tiny_
             raise OSError(errno.ENOSPC, "No space left on device", str(dst))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(vglaw.predict.os, "replace", full)
+    monkeypatch.setattr(vglaw.commands.predict.os, "replace", full)
     assert main(["predict", "--pairs", str(pairs), "--model", str(tiny_ckpt)]) == 2
     lines = one_error_line(capsys, "predict", "No space left on device", "the results so far are in")
     kept = Path(lines[0].rsplit(" ", 1)[-1])
     assert kept.is_file() and json.loads(kept.read_text())["text"] == "the red circle"
     # the same failure in a command without its own handling: one line, not a traceback
-    monkeypatch.setattr(vglaw.predict, "save_image", lambda *a, **k: (_ for _ in ()).throw(
+    monkeypatch.setattr(vglaw.commands.predict, "save_image", lambda *a, **k: (_ for _ in ()).throw(
         OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o.png"))))
     assert main(["predict", "--image", str(image), "--text", "x", "--model", str(tiny_ckpt),
                  "--out", str(tmp_path / "o.png")]) == 2

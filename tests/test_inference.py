@@ -191,7 +191,7 @@ def test_explain_figure_has_the_three_panels_per_expression(tiny_ckpt, shapes_ro
     assert [Path(p).name for p in report["explain"]] == ["overlay.explain-0.png", "overlay.explain-1.png"]
     assert all(Image.open(p).size == (1500, 480) for p in report["explain"])
 
-    from vglaw.explain import build_explain_figure
+    from vglaw.viz.explain import build_explain_figure
 
     g = Grounder(tiny_ckpt)
     array = np.asarray(Image.open(image).convert("RGB"))
@@ -223,9 +223,9 @@ def test_grounder_python_api_in_original_pixels(tiny_ckpt, shapes_root):
 
 
 def test_ablation_rows(tiny_ckpt, shapes_root):
-    from vglaw.ablate import CONDITIONS, ablate, other_expression
     from vglaw.data.refer import ReferDataset
     from vglaw.data.transforms import GroundingTransform
+    from vglaw.inference.ablation import CONDITIONS, ablate, other_expression
     from vglaw.training.module import VGLAWModule
 
     assert other_expression([1, 1, 2, 3]).tolist() == [2, 2, 3, 0] and other_expression([5, 5]).tolist() == [0, 1]
@@ -275,7 +275,7 @@ def test_ablate_command(tiny_ckpt, shapes_root, tmp_path, capsys):
 
 
 def test_serve_requests_take_turns_keep_their_results_and_explain_bad_input(tiny_ckpt, shapes_root, tmp_path):
-    """The web page's request handler (`vglaw.serve.ground`), without the browser: concurrent
+    """The web page's request handler (`vglaw.commands.serve.ground`), without the browser: concurrent
     requests each get their own answers, equal to sequential ones; a non-image, an empty
     expression and a huge image are messages, not crashes."""
     import threading
@@ -283,9 +283,9 @@ def test_serve_requests_take_turns_keep_their_results_and_explain_bad_input(tiny
 
     from PIL import Image
 
+    from vglaw.commands.serve import ground
     from vglaw.errors import UserError
     from vglaw.inference import Grounder
-    from vglaw.serve import ground
 
     grounder, lock = Grounder(tiny_ckpt), threading.Lock()
     images = sorted((shapes_root / "images" / "shapes").glob("test_*.png"))[:4]
@@ -305,7 +305,7 @@ def test_serve_requests_take_turns_keep_their_results_and_explain_bad_input(tiny
         ground(grounder, lock, str(images[0]), " \n\t\n", False)
     with pytest.raises(UserError, match="upload an image"):
         ground(grounder, lock, None, "the red circle", False)
-    from vglaw.serve import MAX_EXPLAINED, MAX_EXPRESSIONS
+    from vglaw.commands.serve import MAX_EXPLAINED, MAX_EXPRESSIONS
 
     many = "\n".join(["the red circle"] * (MAX_EXPRESSIONS + 1))
     with pytest.raises(UserError, match=f"{MAX_EXPRESSIONS + 1} expressions in one request"):

@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 
 
 def _compare(name, tmp_path, tokenizer, size):
-    from vglaw.onnx import check_onnx, export_onnx
+    from vglaw.inference.export import check_onnx, export_onnx
 
     torch.manual_seed(0)
     model = vglaw.create_model(name).eval()
@@ -45,7 +45,7 @@ def test_onnx_equals_pytorch_tiny(tmp_path, tokenizer):
 
 
 def test_onnx_of_a_generalised_cached_model_keeps_its_calibrated_scores(tmp_path, tokenizer):
-    from vglaw.onnx import export_onnx
+    from vglaw.inference.export import export_onnx
 
     torch.manual_seed(0)
     # with the text cache the demo configs use: tracing must not freeze it into the graph
@@ -60,16 +60,16 @@ def test_onnx_of_a_generalised_cached_model_keeps_its_calibrated_scores(tmp_path
 
 
 def test_an_export_that_fails_its_check_writes_nothing(tmp_path, monkeypatch):
-    import vglaw.onnx
+    import vglaw.inference.export
 
     vglaw.create_model("vglaw_tiny").save_pretrained(tmp_path / "m")
 
     def failing_check(*args, **kwargs):
         raise RuntimeError("boxes differ")
 
-    monkeypatch.setattr(vglaw.onnx, "check_onnx", failing_check)
+    monkeypatch.setattr(vglaw.inference.export, "check_onnx", failing_check)
     with pytest.raises(RuntimeError, match="boxes differ"):
-        vglaw.onnx.export_onnx(tmp_path / "m", tmp_path / "m.onnx")
+        vglaw.inference.export.export_onnx(tmp_path / "m", tmp_path / "m.onnx")
     assert list(tmp_path.glob("*.onnx*")) == [] and list(tmp_path.glob(".m.onnx*")) == []
 
 

@@ -150,7 +150,7 @@ def test_every_config_parses(name, capsys):
 
 
 def test_global_batch_size_sets_accumulation(shapes_root, tmp_path, capsys):
-    from vglaw.cli import count_devices
+    from vglaw.training.lightning import count_devices
 
     assert count_devices(2, "cpu") == 2 and count_devices("0,1,3") == 3 and count_devices([0]) == 1
     args = ["--config", str(REPO / "configs" / "shapes.yaml"), f"--data.data_root={shapes_root}",
@@ -271,7 +271,7 @@ def test_predict_errors(shapes_root, tiny_ckpt, tmp_path, capsys):
 
 
 def test_learning_curve_is_a_png_of_every_series(tmp_path):
-    from vglaw.plots import line_chart
+    from vglaw.viz.plots import line_chart
 
     png = line_chart({"val/miou": [(1.0, 0.2), (2.0, 0.9)], "val/prec@0.5": [(1.0, 0.1), (2.0, 0.5)]},
                      tmp_path / "c.png", "t", y_range=(0, 1))

@@ -11,6 +11,7 @@ add "boxes_set" (a list of (N_b, 4) normalised cxcywh), "has_target" (B,) and, f
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytorch_lightning as pl
 import torch
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from vglaw.data.grefer import GReferDataset
 from vglaw.data.refer import DEFAULT_SPLIT_BY, GENERALISED, ReferDataset, category_count
+from vglaw.data.text import real_token_counts
 from vglaw.data.transforms import GroundingTransform
 from vglaw.errors import UsageError
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, MAX_TOKENS, load_tokenizer
@@ -188,10 +190,6 @@ class ReferDataModule(pl.LightningDataModule):
 
     def _warn_truncated(self, dataset: ReferDataset, name: str) -> None:
         """One warning per split for the expressions longer than `max_tokens`."""
-        import warnings
-
-        from vglaw.data.text import real_token_counts
-
         texts = sorted({s.text for s in dataset.samples})
         if not texts:
             return

@@ -22,7 +22,7 @@ from pycocotools import mask as mask_utils
 
 from vglaw.data.text import clean_text
 from vglaw.errors import MissingFileError, UsageError, UserError
-from vglaw.safe_pickle import plain_load
+from vglaw.io.safe_pickle import plain_load
 
 SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
     "refcoco": {"unc": ("train", "val", "testA", "testB")},

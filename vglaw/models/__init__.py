@@ -1,4 +1,4 @@
-from vglaw.models.factory import VARIANTS, create_model, list_models
+from vglaw.models.loading import VARIANTS, create_model, list_models
 from vglaw.models.scratch import ScratchVGLAW
 from vglaw.models.vglaw import VGLAW
 

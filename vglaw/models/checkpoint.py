@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from vglaw.errors import MissingFileError, UsageError
+from vglaw.io.safe_pickle import load_torch_file, plain_load
 from vglaw.models.geometry import fit_rel_pos, resize_abs_pos
-from vglaw.safe_pickle import load_torch_file, plain_load
 
 StateDict = dict[str, Tensor]
 
@@ -48,8 +49,6 @@ def read_checkpoint(path: str | Path) -> StateDict:
         raw = plain_load(path, allow_numpy=True)
         raw = raw.get("model", raw) if isinstance(raw, dict) else raw
     elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         raw = load_file(str(path))
     elif path.suffix in (".pth", ".pt", ".bin"):
         raw = load_torch_file(path, "weight file")

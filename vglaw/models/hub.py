@@ -15,14 +15,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub import PyTorchModelHubMixin, snapshot_download
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
+from vglaw import __version__
 from vglaw.errors import MissingFileError, UnsafeFileError, UsageError
-from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, resolve_text_encoder
+from vglaw.io.atomic import atomic_write
+from vglaw.models.checkpoint import state_dict_problems
+from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, load_tokenizer, resolve_text_encoder
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -40,8 +46,6 @@ class ModelFolderMixin(
 
     def model_config(self) -> dict[str, Any]:
         """The constructor arguments and the variant, as `config.json` stores them."""
-        from vglaw import __version__
-
         args = dict(getattr(self, "init_args", None) or self._hub_mixin_config or {})
         return {"model_class": type(self).__name__, "variant": getattr(self, "variant", None),
                 "text_weights": "package" if self._text_from_package() else TEXT_DIR,
@@ -57,18 +61,12 @@ class ModelFolderMixin(
         return super().save_pretrained(save_directory, **kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        from safetensors.torch import save
-
-        from vglaw.atomic import atomic_write
-
         skip_text = self._text_from_package()
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                  if not (skip_text and k.startswith("text."))}
         with atomic_write(save_directory / WEIGHTS) as f:
             f.write(save(state, metadata={"format": "pt"}))
         if not skip_text:
-            from vglaw.models.text_encoder import load_tokenizer
-
             text_dir = save_directory / TEXT_DIR
             text_dir.mkdir(exist_ok=True)
             self.text.bert_config.save_pretrained(text_dir)
@@ -88,7 +86,7 @@ class ModelFolderMixin(
         """
         if is_local_path(pretrained_model_name_or_path):
             folder = Path(pretrained_model_name_or_path).expanduser()
-            return load_model_folder(folder, kwargs.get("map_location", "cpu"))
+            return load_model_folder(folder, kwargs.get("map_location", "cpu"), cls)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except (OSError, ValueError) as err:
@@ -102,18 +100,14 @@ class ModelFolderMixin(
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
                          local_files_only: bool, token, map_location: str = "cpu", **_):
-        from huggingface_hub import snapshot_download
-
         folder = snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
                                    force_download=force_download, local_files_only=local_files_only, token=token,
                                    allow_patterns=[CONFIG, WEIGHTS, f"{TEXT_DIR}/*"])
-        return load_model_folder(folder, map_location)
+        return load_model_folder(folder, map_location, cls)
 
 
 def is_local_path(name: str | Path) -> bool:
     """A local folder or file, rather than a hub id ("owner/name")."""
-    import re
-
     text = str(name)
     return Path(text).expanduser().exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) or \
         text.startswith((".", "~"))
@@ -203,21 +197,29 @@ def weight_problems(state: dict[str, torch.Tensor]) -> list[str]:
     return problems
 
 
-def load_model_folder(folder: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild the model `config.json` describes and load `model.safetensors` strictly."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def model_classes(base: type) -> dict[str, type]:
+    """`base` and every class derived from it, by name: what a config's "model_class" may say
+    to `base.from_pretrained` (`vglaw.models` imports every model class)."""
+    found, stack = {}, [base]
+    while stack:
+        cls = stack.pop()
+        found.setdefault(cls.__name__, cls)
+        stack.extend(cls.__subclasses__())
+    return found
 
-    from vglaw.models.checkpoint import state_dict_problems
-    from vglaw.models.factory import MODEL_CLASSES
 
+def load_model_folder(folder: str | Path, map_location: str | torch.device = "cpu", base: type | None = None):
+    """Rebuild the model `config.json` describes (`base` or a class derived from it) and load
+    `model.safetensors` strictly."""
     folder = Path(folder)
     config = read_config(folder)
     name = config["model_class"]
-    if name not in MODEL_CLASSES:
-        raise UsageError(f"{folder / CONFIG}: unknown model_class {name!r}; this vglaw knows "
-                         f"{', '.join(MODEL_CLASSES)}")
-    cls = MODEL_CLASSES[name]
+    known = model_classes(base or ModelFolderMixin)
+    base_name = (base or ModelFolderMixin).__name__
+    if name not in known:
+        raise UsageError(f"{folder / CONFIG}: unknown model_class {name!r}; {base_name} loads "
+                         f"{', '.join(sorted(known))}")
+    cls = known[name]
     args = {k: v for k, v in config.items() if k not in META}
     text_weights = config.get("text_weights", TEXT_DIR)
     if text_weights == TEXT_DIR:
@@ -241,8 +243,6 @@ def load_model_folder(folder: str | Path, map_location: str | torch.device = "cp
         model = cls(**args)
     except TypeError as err:
         raise UsageError(f"{folder / CONFIG} does not fit this vglaw's {name}: {err}") from err
-    import re
-
     allowed = re.compile(r"text\..*") if text_weights == "package" else None
     problems = state_dict_problems(state, model.state_dict(), allowed, limit=12)
     if problems:

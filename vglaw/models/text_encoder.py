@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from vglaw.errors import MissingFileError, UsageError
 
@@ -40,8 +41,6 @@ def resolve_text_encoder(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str = DEFAULT_TEXT_ENCODER):
     """The tokenizer that belongs to `name_or_path` (same resolution as `TextEncoder`); loaded
     once per process. A fast tokenizer is not safe to call from two threads at once."""
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(resolve_text_encoder(name_or_path))
 
 
@@ -59,7 +58,6 @@ class TextEncoder(nn.Module):
     def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, num_layers: int | None = None,
                  pretrained: bool = True) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModel
 
         path = resolve_text_encoder(name_or_path)
         self.source = path  # where the config and tokenizer come from

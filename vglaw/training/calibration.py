@@ -17,6 +17,9 @@ import torch
 from torch import Tensor
 from torchvision.ops import generalized_box_iou
 
+from vglaw.models.generalised import EXIST_THRESHOLD, decode_sets
+from vglaw.models.postprocess import boxes_to_original
+
 MATCH_THRESHOLD = 0.5  # generalised IoU at which a box matches a target (GREC's)
 
 
@@ -64,9 +67,6 @@ def fit_platt(logits: Tensor, labels: Tensor, min_each: int = 10) -> tuple[float
 def calibration_samples(outputs: dict[str, Tensor], batch: dict, img_size: int) -> tuple[Tensor, Tensor]:
     """A batch's (N,) raw centre logits and (N,) labels (`peak_labels`) of every peak (up to 20
     per sample) of the samples the existence head lets through."""
-    from vglaw.data.transforms import boxes_to_original
-    from vglaw.models.generalised import EXIST_THRESHOLD, decode_sets
-
     logits, labels = [], []
     for i, s in enumerate(decode_sets(outputs, min_score=0.0)):
         if s["exists"] < EXIST_THRESHOLD or not len(s["boxes"]):

@@ -10,6 +10,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.trainer.states import TrainerFn
+
+from vglaw.io.atomic import atomic_write
+from vglaw.models.loading import export_checkpoint
 
 
 class RNGState(pl.Callback):
@@ -59,8 +63,6 @@ class Checkpoint(ModelCheckpoint):
             self._last_written_step = trainer.global_step
 
     def _ensure_last(self, trainer: pl.Trainer) -> None:
-        from pytorch_lightning.trainer.states import TrainerFn
-
         if (not self.save_last or trainer.fast_dev_run or trainer.sanity_checking
                 or trainer.state.fn != TrainerFn.FITTING or self._last_written_step == trainer.global_step):
             return
@@ -97,7 +99,6 @@ class ExportModel(pl.Callback):
         ckpt = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
         if not ckpt or not Path(ckpt).is_file():
             return
-        from vglaw.export import export_checkpoint
 
         out = Path(log_dir) / "model"
         export_checkpoint(ckpt, out)
@@ -112,7 +113,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        from vglaw.atomic import atomic_write
 
         with atomic_write(path) as f:
             torch.save(checkpoint, f)

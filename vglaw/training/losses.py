@@ -12,6 +12,7 @@ from torch import Tensor
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from vglaw.errors import UsageError
+from vglaw.models.generalised import decode_boxes
 
 
 def box_losses(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
@@ -119,8 +120,6 @@ def set_losses(outputs: dict[str, Tensor], boxes_set: list[Tensor], has_target: 
     """Generalised grounding: the centre map ("centre"), L1 (summed over coordinates) and GIoU of
     the box decoded at each referred object's centre cell, averaged over objects ("l1", "giou"),
     and the existence cross-entropy ("exist")."""
-    from vglaw.models.generalised import decode_boxes
-
     centre = outputs["centre_logits"]
     heat, sample, cells = centre_targets([b.to(centre.device) for b in boxes_set], tuple(centre.shape[-2:]))
     decoded = decode_boxes(outputs["box_params"].float())  # (B, H2, W2, 4)

@@ -14,12 +14,14 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from vglaw.data.datamodule import CALIBRATION
-from vglaw.data.transforms import to_original
 from vglaw.errors import UsageError
-from vglaw.models.factory import model_from_hparams
+from vglaw.models.checkpoint import load_visual_weights
+from vglaw.models.generalised import EXIST_THRESHOLD
+from vglaw.models.loading import model_from_hparams
+from vglaw.models.postprocess import to_original
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER
-from vglaw.training.calibration import calibration_samples
-from vglaw.training.gmetrics import GeneralisedMetrics
+from vglaw.training.calibration import calibration_samples, fit_platt
+from vglaw.training.gmetrics import GeneralisedMetrics, grec_correct
 from vglaw.training.losses import grounding_loss
 from vglaw.training.metrics import GroundingMetrics, measure_predictions
 
@@ -111,8 +113,6 @@ class VGLAWModule(pl.LightningModule):
         self.save_hyperparameters()
         self.model = model_from_hparams(self.hparams)
         if visual_weights is not None:
-            from vglaw.models.checkpoint import load_visual_weights
-
             load_visual_weights(self.model.backbone, visual_weights, rel_pos=visual_rel_pos)
         self.model.set_grad_checkpointing(grad_checkpointing)
         self.img_size = img_size
@@ -203,9 +203,6 @@ class VGLAWModule(pl.LightningModule):
         return measure_predictions(pred, batch)
 
     def _measure_sets(self, pred: dict, batch: dict) -> dict[str, Tensor]:
-        from vglaw.models.generalised import EXIST_THRESHOLD
-        from vglaw.training.gmetrics import grec_correct
-
         targets = [t.to(b.device) for b, t in zip(pred["box_sets"], batch["orig_boxes_set"])]
         flags = lambda values: torch.tensor(values, dtype=torch.bool)  # noqa: E731
         return {
@@ -263,7 +260,6 @@ class VGLAWModule(pl.LightningModule):
         """Fit the box-score calibration on the calibration slice's peaks (gathered from every
         process), once per validation."""
         self._calibrating = False
-        from vglaw.training.calibration import fit_platt
 
         logits = torch.cat([x for x, _ in self._calibration]) if self._calibration else torch.zeros(0)
         labels = torch.cat([y for _, y in self._calibration]) if self._calibration else torch.zeros(0)

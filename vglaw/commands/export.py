@@ -4,23 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vglaw.atomic import check_output
 from vglaw.errors import UsageError
-
-
-def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
-    """Write the model of a training checkpoint as a model folder, atomically (a folder that
-    exists afterwards is complete), and remember it as the latest model."""
-    from vglaw.atomic import atomic_dir
-    from vglaw.inference import model_from_checkpoint
-    from vglaw.recent import remember_model
-
-    model = model_from_checkpoint(ckpt)
-    out = Path(out)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-    remember_model(out)
-    return out
+from vglaw.io.atomic import check_output
 
 
 def main(argv: list[str]) -> int:
@@ -32,9 +17,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     # before any work: never over the source (or a folder holding it), never over what exists unasked
     check_output(args.out, [Path(args.source)], kind="file" if args.onnx else "dir", overwrite=args.overwrite)
-    if args.onnx:
-        from vglaw.onnx import export_onnx
+    # the library (torch) loads once the arguments are read: --help answers without it
+    from vglaw.inference.export import export_onnx
+    from vglaw.models.loading import export_checkpoint
 
+    if args.onnx:
         if args.source.endswith(".onnx"):
             raise UsageError(f"{args.source} is already an ONNX file; export from the model folder or checkpoint "
                              "it came from")

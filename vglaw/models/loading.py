@@ -1,9 +1,17 @@
-"""Named model variants and `create_model`."""
+"""From a name or a file to a model, one layer above the model classes (as transformers' Auto
+classes sit above `PreTrainedModel`): the named variants and `create_model`, the class a model
+folder's "model_class" names, and a Lightning training checkpoint rebuilt as its model."""
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
 from typing import Any
 
-from vglaw.errors import UsageError
+from vglaw.errors import MissingFileError, UsageError
+from vglaw.io.atomic import atomic_dir
+from vglaw.io.recent import remember_model
+from vglaw.io.safe_pickle import load_torch_file
+from vglaw.models.checkpoint import load_visual_weights, state_dict_problems
 from vglaw.models.generalised import GeneralisedScratchVGLAW, GeneralisedVGLAW
 from vglaw.models.scratch import ScratchVGLAW
 from vglaw.models.vglaw import VGLAW
@@ -59,8 +67,6 @@ def variant_args(name: str, **overrides: Any) -> tuple[type[VGLAW], dict[str, An
         raise UsageError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     cls, args = VARIANTS[name]
     args = {**args, **overrides}
-    import inspect
-
     accepted = {p for c in cls.__mro__ if "__init__" in vars(c) and c.__module__.startswith("vglaw.")
                 for p in inspect.signature(c.__init__).parameters}
     unknown = sorted(set(args) - accepted)
@@ -81,8 +87,6 @@ def create_model(name: str = "vglaw_vitb", visual_weights: str | None = None, **
     model = cls(**args)
     model.variant, model.init_args = name, args
     if visual_weights is not None:
-        from vglaw.models.checkpoint import load_visual_weights
-
         load_visual_weights(model.backbone, visual_weights)
     return model
 
@@ -97,3 +101,49 @@ def model_from_hparams(hp: dict[str, Any], text_pretrained: bool = True) -> VGLA
     extra = {"seg_classes": hp["seg_classes"]} if hp.get("seg_classes") else {}
     return create_model(hp["variant"], img_size=hp["img_size"], text_encoder=hp["text_encoder"], task=hp["task"],
                         text_pretrained=text_pretrained, **(hp.get("model_args") or {}), **extra)
+
+
+class CheckpointError(UsageError):
+    """The checkpoint is of another configuration, or not a vglaw training checkpoint."""
+
+
+def model_from_checkpoint(path: str | Path):
+    """Rebuild the model of a Lightning training checkpoint and load its weights strictly,
+    without unpickling anything but tensors and plain data."""
+    state = load_torch_file(path, "checkpoint")
+    hp = state.get("hyper_parameters") if isinstance(state, dict) else None
+    if not isinstance(hp, dict) or "variant" not in hp or not isinstance(state.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is not a vglaw training checkpoint (no hyper_parameters.variant / state_dict)")
+    missing = [k for k in TRAINING_MODEL_ARGS if k not in hp]
+    if missing:
+        raise CheckpointError(f"{path}: hyper_parameters lack {', '.join(missing)} (not written by `vglaw fit`)")
+    try:
+        model = model_from_hparams(hp, text_pretrained=False)
+    except KeyError as err:
+        raise CheckpointError(f"{path}: {err.args[0]}") from err
+    except TypeError as err:
+        raise CheckpointError(f"{path} was saved by another configuration of vglaw: {err}") from err
+    except OSError as err:  # transformers cannot find the text encoder's config
+        raise MissingFileError(f"{path} needs the text encoder {hp['text_encoder']!r}, which is not available "
+                               f"here ({str(err).splitlines()[0][:120]}); make a model folder with `vglaw export` "
+                               "where it is, or put it in the Hugging Face cache") from err
+    model.init_args["text_pretrained"] = True  # what a re-built model should do
+    weights = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    problems = state_dict_problems(weights, model.state_dict(), limit=12)
+    if problems:
+        raise CheckpointError(f"{path} does not match its own configuration ({hp['variant']}):\n  " +
+                              "\n  ".join(problems))
+    model.load_state_dict(weights)
+    model.source = str(path)
+    return model.eval()
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
+    """Write the model of a training checkpoint as a model folder, atomically (a folder that
+    exists afterwards is complete), and remember it as the latest model."""
+    model = model_from_checkpoint(ckpt)
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+    remember_model(out)
+    return out

@@ -5,41 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vglaw.data.grefer import GReferDataset
-from vglaw.data.refer import DEFAULT_SPLIT_BY, GENERALISED, SPLITS, BadSampleError, ReferDataset
 from vglaw.errors import UsageError
-
-
-def check(root: str, dataset: str, split_by: str | None, load_images: bool) -> tuple[dict, list[str]]:
-    """Index every split (and optionally read every image and mask).
-
-    Returns:
-        per-split counts, and every problem found (one line each; bad samples are skipped and
-        counted, not fatal, so one run lists them all).
-    """
-    import warnings
-
-    from tqdm import tqdm
-
-    split_by = split_by or DEFAULT_SPLIT_BY[dataset]
-    if split_by not in SPLITS[dataset]:
-        raise UsageError(f"--split-by {split_by!r}: {dataset} has {', '.join(SPLITS[dataset])}")
-    counts, problems = {}, []
-    for split in SPLITS[dataset][split_by]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            reader = GReferDataset if dataset in GENERALISED else ReferDataset
-            ds = reader(root, dataset, split, split_by, skip_invalid=True)
-        problems += [f"{split}: {p}" for p in ds.problems]
-        counts[split] = {**ds.counts(), "skipped": len(ds.problems)}
-        if load_images:
-            for i in tqdm(range(len(ds)), desc=f"{dataset} {split}", unit="sent"):
-                try:
-                    ds.load(i)
-                except BadSampleError as err:
-                    problems.append(f"{split}: {err}")
-                    counts[split]["skipped"] += 1
-    return counts, problems
 
 
 def main(argv: list[str]) -> int:
@@ -56,14 +22,17 @@ def main(argv: list[str]) -> int:
     s.add_argument("--overwrite", action="store_true", help="replace a dataset of the same name already in OUT")
     c = sub.add_parser("check", help="check a prepared refer-format folder and print per-split counts")
     c.add_argument("--root", default="data")
-    c.add_argument("--dataset", required=True, choices=sorted(SPLITS))
+    c.add_argument("--dataset", required=True, help="refcoco, refcoco+, refcocog, refclef, grefcoco, shapes, gshapes")
     c.add_argument("--split-by", default=None)
     c.add_argument("--images", action="store_true", help="also read every image and mask")
     args = parser.parse_args(argv)
+    # the library (numpy, torch) loads once the arguments are read: --help answers without it
+    from vglaw.data.check import check
+    from vglaw.data.refer import SPLITS
+    from vglaw.data.shapes import generate
+
     problems: list[str] = []
     if args.command == "shapes":
-        from vglaw.data.shapes import generate
-
         for name in ("train", "val", "test"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name} must be >= 1 image, got {getattr(args, name)}")
@@ -75,6 +44,8 @@ def main(argv: list[str]) -> int:
         counts = generate(args.out, args.seed, {"train": args.train, "val": args.val, "test": args.test},
                           generalised=args.generalised)
     else:
+        if args.dataset not in SPLITS:
+            raise UsageError(f"--dataset {args.dataset!r}: one of {', '.join(sorted(SPLITS))}")
         counts, problems = check(args.root, args.dataset, args.split_by, args.images)
     extra = [k for k in ("no_target", "multi_target", "skipped") if any(k in c for c in counts.values())]
     if not problems and "skipped" in extra:

@@ -9,17 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from vglaw.data.transforms import resize_mask_nearest
-from vglaw.plots import pyplot
+from vglaw.io.atomic import atomic_write
+from vglaw.viz.plots import pyplot
 
 
 def pooling_map_on_image(lap: np.ndarray, letterbox: dict, image_shape: tuple[int, int], img_size: int,
                          size: tuple[int, int]) -> np.ndarray:
     """The (h/16, w/16) pooling map of the letterboxed input, cropped to the image and resized
     to `image_shape` (the picture being drawn)."""
-    from PIL import Image
-
     grid = lap.shape[0]
     cell = img_size / grid
     sx, sy = letterbox["scale"]
@@ -35,8 +35,6 @@ def pooling_map_on_image(lap: np.ndarray, letterbox: dict, image_shape: tuple[in
 
 def explain_figure(image: np.ndarray, result: dict, path: str | Path, img_size: int) -> Path:
     """Write the three-panel PNG (`build_explain_figure`) for one result."""
-    from vglaw.atomic import atomic_write
-
     plt = pyplot()
     fig = build_explain_figure(image, result, img_size)
     path = Path(path)

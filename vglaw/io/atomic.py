@@ -8,12 +8,16 @@ valid: a reader sees the old file or the new one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+from PIL import Image
 
 from vglaw.errors import UsageError
 
@@ -67,8 +71,6 @@ def image_format(path: str | Path) -> str:
     Raises:
         ValueError: no extension PIL can write.
     """
-    from PIL import Image
-
     Image.init()
     ext = Path(path).suffix.lower()
     fmt = Image.registered_extensions().get(ext)
@@ -156,3 +158,11 @@ def free_name(path: str | Path) -> Path:
         candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
         k += 1
     return candidate
+
+
+def slug(path: str | Path) -> str:
+    """A file-name-safe, collision-free stem for an input path: its stem and a short hash of the
+    full path, so two `photo.jpg` in different folders get different outputs."""
+    path = Path(path)
+    digest = hashlib.sha1(str(path.expanduser().resolve()).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', path.stem)[:60]}-{digest}"

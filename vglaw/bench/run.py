@@ -7,10 +7,7 @@ spread straddles the target.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
-import os
 import platform
 import tempfile
 import time
@@ -20,10 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 import vglaw
+from vglaw.bench.timing import Ratio, timeit
 from vglaw.models.vitdet import ViTDet
-from vglaw.timing import Ratio, timeit
 
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's dense bf16 peak for the H100 SXM, used for MFU
 
@@ -202,7 +200,8 @@ def data_throughput(root: str, img_size: int, n: int) -> dict:
 def onnx_comparison(name: str, batches: tuple[int, ...], repeats: int) -> dict:
     """ONNX Runtime vs PyTorch on the CPU, same model and inputs, interleaved: latency at batch 1
     and throughput at the larger batch, with the threads torch uses."""
-    from vglaw.onnx import OnnxModel, export_onnx
+    from vglaw.inference.export import export_onnx
+    from vglaw.inference.onnx import OnnxModel
 
     model = build(name).eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -253,28 +252,12 @@ def gpu_section(quick: bool) -> dict | None:
     return out
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vglaw bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (< 2 min on 2 cores)")
-    parser.add_argument("--out", default=None, help="folder for results.json and results.md (default: bench, the "
-                        "committed record; with --quick outputs/bench-quick)")
-    parser.add_argument("--overwrite", action="store_true", help="replace results.json / results.md that exist")
-    parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "vglaw-bench-shapes"))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    from vglaw.atomic import check_output
-    from vglaw.errors import UsageError
-
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    args.out = args.out or ("outputs/bench-quick" if args.quick else "bench")
-    check_output(Path(args.out), kind="dir", overwrite=True)  # the folder may exist; its two files are checked
-    for name in ("results.json", "results.md"):  # before minutes of work
-        check_output(Path(args.out) / name, overwrite=args.overwrite)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    q = args.quick
-    start = time.time()
+def run_all(quick: bool, data: str, threads: int | None = None) -> dict:
+    """Every measurement of `vglaw bench` (small sizes and few repeats with `quick`), as the
+    report `vglaw.bench.report.to_markdown` renders."""
+    if threads:
+        torch.set_num_threads(threads)
+    q = quick
     report = {"mode": "quick" if q else "full", "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     steps = [
@@ -282,23 +265,11 @@ def main(argv: list[str]) -> int:
         ("backbone", lambda: backbone_comparison(224 if q else 448, 2 if q else 8, 5 if q else 7)),
         ("scaling", lambda: scaling("vglaw_vitb", [1, 2] if q else [1, 2, 4, 8], [224, 448] if q else
                                     [224, 320, 448, 640], 1 if q else 3)),
-        ("data", lambda: [data_throughput(args.data, s, 64 if q else 512) for s in (128, 448)]),
+        ("data", lambda: [data_throughput(data, s, 64 if q else 512) for s in (128, 448)]),
         ("onnx", lambda: [onnx_comparison("vglaw_small", (1, 8), 5 if q else 10)]
          + ([] if q else [onnx_comparison("vglaw_vitb", (1, 4), 3)])),
         ("gpu", lambda: gpu_section(q)),
     ]
-    from tqdm import tqdm
-
     for key, fn in tqdm(steps, desc="bench", unit="part"):
         report[key] = fn()
-    report["wall_s"] = time.time() - start
-    from vglaw.atomic import write_text
-    from vglaw.bench_report import to_markdown
-
-    out = Path(args.out)
-    write_text(out / "results.json", json.dumps(report, indent=2))
-    md = to_markdown(report)
-    write_text(out / "results.md", md + "\n")
-    print(md)
-    print(f"\nwrote {out / 'results.json'} and {out / 'results.md'} in {report['wall_s']:.0f} s")
-    return 0
+    return report

@@ -10,93 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
-
-from vglaw.atomic import atomic_write, check_output, free_name, save_image
-from vglaw.data.transforms import resize_mask_nearest
 from vglaw.errors import MissingFileError, OutputError, UsageError
+from vglaw.io.atomic import atomic_write, check_output, free_name, save_image, slug
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
-OVERLAY_MIN_SIDE = 512  # smaller pictures are enlarged so the expressions fit as text
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def draw_overlay(image: np.ndarray, results: list[dict]) -> Image.Image:
-    """The picture with each expression's mask, box and text in its own colour.
-
-    `image` may be smaller than the original (a working copy of a large photo); masks and boxes,
-    in original pixels, are scaled to it. A picture whose longer side is under
-    `OVERLAY_MIN_SIDE` is enlarged by an integer factor (nearest neighbour) so the text fits.
-    """
-    H, W = image.shape[:2]
-    canvas = image.astype(np.float32)
-    for k, r in enumerate(results):
-        if r.get("mask") is not None and r["mask"].any():
-            mask = resize_mask_nearest(r["mask"], H, W)
-            colour = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
-            canvas[mask] = 0.5 * canvas[mask] + 0.5 * colour
-    out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-    zoom = max(1, math.ceil(OVERLAY_MIN_SIDE / max(H, W)))
-    if zoom > 1:
-        out = out.resize((W * zoom, H * zoom), Image.NEAREST)
-    draw = ImageDraw.Draw(out)
-    width = max(1, round(max(out.size) / 200))
-    for k, r in enumerate(results):
-        colour = PALETTE[k % len(PALETTE)]
-        h0, w0 = r.get("size", (H, W))
-        fx, fy = out.width / w0, out.height / h0
-        scale = lambda b, fx=fx, fy=fy: [b[0] * fx, b[1] * fy, b[2] * fx, b[3] * fy]  # noqa: E731
-        box = scale(r["box"]) if "box" in r else None
-        if box is not None:
-            draw.rectangle(box, outline=colour, width=width)
-        for b, s in zip(r.get("boxes", []), r.get("box_scores", [])):  # generalised: every box of the set
-            b = scale(b)
-            draw.rectangle(b, outline=colour, width=width)
-            draw.text((b[0] + 2, b[1] + 1), f"{s:.2f}", fill=colour)
-            box = box or b
-        x, y = (box[0], max(0, box[1] - 12)) if box is not None else (2, 2 + 12 * k)
-        label = " ".join(r["text"].split())
-        if r.get("no_target"):
-            label += f" (no target, existence {r['exists']:.2f})"
-        elif "score" in r:
-            label += f" ({r['score']:.2f})"
-        x = max(0, min(x, out.width - draw.textlength(label)))  # keep the label inside the picture
-        left, top, right, bottom = draw.textbbox((x, y), label)
-        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
-        draw.text((x, y), label, fill=colour)
-    return out
-
-
-def result_json(r: dict) -> dict:
-    """A result as JSON: box (xyxy, original pixels), score, mask as COCO RLE with its area; for
-    generalised models also "no_target", "exists" and every box with its score."""
-    item = {k: r[k] for k in ("text", "box", "score", "no_target", "exists", "boxes", "box_scores") if k in r}
-    if "mask" in r:
-        rle = mask_utils.encode(np.asfortranarray(r["mask"].view(np.uint8)))  # one copy, even for 100 MP
-        item["mask_area"] = int(r["mask"].sum())
-        item["mask_rle"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-    return item
-
-
-def resolve_model(arg: str | None) -> str:
-    """--model, or the most recent model folder written here (said on stderr)."""
-    if arg:
-        return arg
-    from vglaw.recent import latest_model
-
-    latest = latest_model()
-    if latest is None:
-        raise MissingFileError("no model given and none trained here yet: run `make demo` (CPU, ~20 min) or "
-                               "`vglaw fit`, or pass --model DIR|HUB_ID|CKPT")
-    print(f"vglaw predict: using {latest} (the most recent model written here; --model to choose)", file=sys.stderr)
-    return str(latest)
 
 
 def read_pairs(args) -> tuple[list[tuple[int, object, str]], list[tuple[int, str]]]:
@@ -151,8 +72,6 @@ def overlay_paths(args, pairs) -> dict[int, Path]:
     only with --overwrite)."""
     if not args.overlays:
         return {}
-    from vglaw.inference import slug
-
     folder = check_output(Path(args.overlays), [Path(args.pairs or args.images)], kind="dir", flag="--overlays",
                           overwrite=True)  # the folder may exist; each file in it is checked
     paths = {n: folder / f"{slug(image)}-{n}.png" for n, image, _ in pairs}
@@ -166,8 +85,6 @@ def overlay_paths(args, pairs) -> dict[int, Path]:
 def single_outputs(args) -> tuple[Path, list[Path]]:
     """The overlay and (with --explain) the explanation figures of `--image`, checked before any
     work: named ones exist only with --overwrite; with no --out, the first free default name."""
-    from vglaw.inference import slug
-
     explain = lambda out: [out.with_name(f"{out.stem}.explain-{k}.png") for k in range(len(args.text))]  # noqa: E731
     if args.out:
         out = check_output(Path(args.out), [Path(args.image)], kind="image", overwrite=args.overwrite)
@@ -191,6 +108,9 @@ def single_outputs(args) -> tuple[Path, list[Path]]:
 
 def predict_many(args, grounder, pairs: list, bad: list, output: Path, overlays: dict[int, Path]) -> int:
     from tqdm import tqdm
+
+    from vglaw.inference.results import result_json
+    from vglaw.viz.overlay import draw_overlay
 
     for n, problem in bad:
         print(f"vglaw predict: skipped line {n}: {problem}", file=sys.stderr)
@@ -230,13 +150,14 @@ def predict_many(args, grounder, pairs: list, bad: list, output: Path, overlays:
 
 def predict_one(args, grounder, out: Path, figures: list[Path]) -> int:
     from vglaw.inference import prepare_image
+    from vglaw.inference.results import result_json
+    from vglaw.viz.explain import explain_figure
+    from vglaw.viz.overlay import draw_overlay
 
     array, size = prepare_image(args.image)
     results = grounder.run([grounder.prepare(array, size, t) for t in args.text], return_attention=args.explain)
     save_image(draw_overlay(array, results), out)
     if args.explain:
-        from vglaw.explain import explain_figure
-
         figures = [str(explain_figure(array, r, figure, grounder.img_size)) for r, figure in zip(results, figures)]
     report = {"image": str(args.image), "height": size[0], "width": size[1], "box_format": "xyxy",
               "model": str(getattr(grounder.model, "source", "")), "results": [result_json(r) for r in results],
@@ -300,7 +221,8 @@ def main(argv: list[str]) -> int:
         output = batch_output(args)
         pairs, bad = read_pairs(args)
         overlays = overlay_paths(args, pairs)
-    from vglaw.inference import Grounder, resolve_device
+    # the library (torch) loads once the arguments and outputs are checked: --help answers without it
+    from vglaw.inference import Grounder, resolve_device, resolve_model
 
     grounder = Grounder(resolve_model(args.model), resolve_device(args.device))
     if batch:

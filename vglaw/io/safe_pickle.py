@@ -13,6 +13,8 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vglaw.errors import MissingFileError, UnsafeFileError
 
 _PLAIN = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex")}
@@ -68,8 +70,6 @@ def load_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
         UnsafeFileError: empty, not a PyTorch file, or one whose pickle names code to run
             (refused before any of it ran).
     """
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{what} not found: {path}")

@@ -1,4 +1,4 @@
-"""From a trained model to answers: load any model source, ground expressions in images.
+"""One answer path: ground expressions in images with any model source (`Grounder`).
 
     from vglaw import Grounder
     g = Grounder("outputs/demo/model")            # a model folder, a hub id or a training .ckpt
@@ -10,7 +10,6 @@ come back in the original image's pixels.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,97 +21,14 @@ from PIL import Image
 
 from vglaw.data.refer import load_image, rgb_array
 from vglaw.data.text import check_expression, real_token_counts, tokenize, warn_truncated
-from vglaw.data.transforms import GroundingTransform, to_original
-from vglaw.errors import MissingFileError, ModelOutputError, UsageError
+from vglaw.data.transforms import GroundingTransform
+from vglaw.errors import ModelOutputError, UsageError, UserError
+from vglaw.inference.loading import load_model, resolve_device
+from vglaw.models.generalised import EXIST_THRESHOLD
+from vglaw.models.postprocess import to_original
 from vglaw.models.text_encoder import MAX_TOKENS, load_tokenizer
 
 WORKING_SIDE = 2048  # images are decoded and kept at most this large; the model reads S x S anyway
-
-
-class CheckpointError(UsageError):
-    """The checkpoint is of another configuration, or not a vglaw training checkpoint."""
-
-
-def model_from_checkpoint(path: str | Path):
-    """Rebuild the model of a Lightning training checkpoint and load its weights strictly,
-    without unpickling anything but tensors and plain data."""
-    from vglaw.models.checkpoint import state_dict_problems
-    from vglaw.models.factory import TRAINING_MODEL_ARGS, model_from_hparams
-    from vglaw.safe_pickle import load_torch_file
-
-    state = load_torch_file(path, "checkpoint")
-    hp = state.get("hyper_parameters") if isinstance(state, dict) else None
-    if not isinstance(hp, dict) or "variant" not in hp or not isinstance(state.get("state_dict"), dict):
-        raise CheckpointError(f"{path} is not a vglaw training checkpoint (no hyper_parameters.variant / state_dict)")
-    missing = [k for k in TRAINING_MODEL_ARGS if k not in hp]
-    if missing:
-        raise CheckpointError(f"{path}: hyper_parameters lack {', '.join(missing)} (not written by `vglaw fit`)")
-    try:
-        model = model_from_hparams(hp, text_pretrained=False)
-    except KeyError as err:
-        raise CheckpointError(f"{path}: {err.args[0]}") from err
-    except TypeError as err:
-        raise CheckpointError(f"{path} was saved by another configuration of vglaw: {err}") from err
-    except OSError as err:  # transformers cannot find the text encoder's config
-        raise MissingFileError(f"{path} needs the text encoder {hp['text_encoder']!r}, which is not available "
-                               f"here ({str(err).splitlines()[0][:120]}); make a model folder with `vglaw export` "
-                               "where it is, or put it in the Hugging Face cache") from err
-    model.init_args["text_pretrained"] = True  # what a re-built model should do
-    weights = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    problems = state_dict_problems(weights, model.state_dict(), limit=12)
-    if problems:
-        raise CheckpointError(f"{path} does not match its own configuration ({hp['variant']}):\n  " +
-                              "\n  ".join(problems))
-    model.load_state_dict(weights)
-    model.source = str(path)
-    return model.eval()
-
-
-def available_devices() -> list[str]:
-    """The devices this machine offers PyTorch: "cpu", then each CUDA device ("cuda:0", ...)."""
-    return ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """A device the user named, checked: None picks "cuda" when present, else "cpu".
-
-    Raises:
-        UsageError: a malformed name ("gpu0") or a device this machine lacks ("cuda" without a
-            GPU, "cuda:3" with two), naming the devices there are.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    there = ", ".join(available_devices())
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise UsageError(f"--device {device}: not a device name; this machine has: {there}") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda" or not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: not available here; this machine has: {there}")
-    return dev
-
-
-def load_model(source: Any, device: str | torch.device = "cpu"):
-    """A model from a folder (`save_pretrained`), a hub id, a training `.ckpt` or a model object
-    on `device`; an `.onnx` export runs on ONNX Runtime's CPU provider, whatever `device` says."""
-    from vglaw.models.hub import is_local_path
-    from vglaw.models.vglaw import VGLAW
-
-    path = Path(str(source)).expanduser()
-    if not isinstance(source, torch.nn.Module) and path.suffix == ".onnx":
-        from vglaw.onnx import OnnxModel
-
-        return OnnxModel(path)
-    device = resolve_device(device)
-    if isinstance(source, torch.nn.Module):
-        return source.eval().to(device)
-    if path.suffix == ".ckpt":
-        return model_from_checkpoint(path).to(device)
-    if is_local_path(source) and not path.exists():
-        raise MissingFileError(f"model not found: {path}")
-    return VGLAW.from_pretrained(str(source), map_location=str(device))
 
 
 @dataclass
@@ -192,8 +108,6 @@ class Grounder:
                 r["mask"] = pred["masks"][i].cpu().numpy()
                 r["score"] = round(float(pred["mask_scores"][i]), 4)  # mean probability over the mask
             if "box_sets" in pred:  # generalised: every box of the set, or none
-                from vglaw.models.generalised import EXIST_THRESHOLD
-
                 r["exists"] = round(float(pred["exists"][i]), 4)
                 r["no_target"] = bool(pred["exists"][i] < EXIST_THRESHOLD)  # as `to_original` gated, unrounded
                 r["boxes"] = [[round(v, 2) for v in b] for b in pred["box_sets"][i].tolist()]
@@ -233,8 +147,6 @@ class Grounder:
         holds "working_image", the decoded (H, W, 3) picture it was grounded in (shared, not
         copied, by consecutive pairs of one image), e.g. to draw overlays without decoding again.
         """
-        from vglaw.errors import UserError
-
         batch: list[tuple[int, Prepared, np.ndarray]] = []
         cache: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
         results: dict[int, dict] = {}
@@ -272,11 +184,3 @@ class Grounder:
         yield from ready()
 
 
-def slug(path: str | Path) -> str:
-    """A file-name-safe, collision-free stem for an input path: its stem and a short hash of the
-    full path, so two `photo.jpg` in different folders get different outputs."""
-    import hashlib
-
-    path = Path(path)
-    digest = hashlib.sha1(str(path.expanduser().resolve()).encode()).hexdigest()[:8]
-    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', path.stem)[:60]}-{digest}"

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from vglaw.atomic import write_text
 from vglaw.data.shapes import generate
-from vglaw.safe_pickle import load_torch_file, plain_load
+from vglaw.io.atomic import write_text
+from vglaw.io.safe_pickle import load_torch_file, plain_load
 from vglaw.training.schedule import cut_short_message, schedule_summary
 
 SINGLE = {"dataset": "shapes", "config": "configs/shapes.yaml", "out": "outputs/demo",
@@ -42,7 +42,7 @@ def example_texts(data: Path, generalised: bool) -> tuple[Path, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vglaw.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vglaw.commands.demo", description=__doc__)
     parser.add_argument("--data", default="data", help="root folder for the shapes dataset")
     parser.add_argument("--out", default=None, help="folder for logs, checkpoints and pictures "
                         "(default: outputs/demo, or outputs/demo-gref with --generalised)")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics_file = out / "test_metrics.json"
     run(["test", f"--config={config}", *common, "--trainer.logger.init_args.version=demo_test",
          f"--ckpt_path={ckpt}"])
-    from vglaw.plots import line_chart, read_metrics
+    from vglaw.viz.plots import line_chart, read_metrics
 
     test = {k: v[-1][1] for k, v in read_metrics(out / "logs" / "demo_test" / "metrics.csv").items()}
     write_text(metrics_file, json.dumps(test, indent=2))

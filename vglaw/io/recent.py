@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from vglaw.atomic import write_text
+from vglaw.io.atomic import write_text
 
 
 def home() -> Path:

@@ -1,28 +1,37 @@
-"""The whole model as one ONNX graph (text encoder, aggregation, weight generation,
-language-adaptive backbone, heads), and running it with ONNX Runtime behind the same
-pre- and post-processing as PyTorch.
+"""A trained model written for others to run: a training checkpoint as a model folder, or any
+model source as one ONNX graph (text encoder, aggregation, weight generation, language-adaptive
+backbone, heads), checked against PyTorch before anything is written.
 
-    vglaw export --onnx outputs/demo/logs/demo/model --out model.onnx
-    vglaw predict --model model.onnx --image x.jpg --text "the red circle"
-
-Inputs: images (B, 3, S, S) float32, input_ids and attention_mask (B, L) int64, B and L
-dynamic. Outputs: every tensor the PyTorch model returns with `return_attention=True`.
+Inputs of the graph: images (B, 3, S, S) float32, input_ids and attention_mask (B, L) int64, B
+and L dynamic. Outputs: every tensor the PyTorch model returns with `return_attention=True`.
 The file's metadata records the input side, the text encoder (for the tokenizer) and the
-output names. Every export is checked at once (`check_onnx`): ONNX Runtime against PyTorch on
-another batch size and text length than the ones traced.
+output names (read back by `vglaw.inference.onnx.OnnxModel`). Every export is checked at once
+(`check_onnx`): ONNX Runtime against PyTorch on another batch size and text length than the
+ones traced.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from vglaw.errors import MissingFileError, UsageError, UserError
+from vglaw.errors import UsageError
+from vglaw.inference.loading import load_model
+from vglaw.inference.onnx import OnnxModel
+from vglaw.io.atomic import atomic_write
+from vglaw.models.postprocess import MASK_THRESHOLD
+from vglaw.models.scratch import FrozenTextEncoder
+from vglaw.models.text_encoder import load_tokenizer
 
 OPSET = 17
+
+
 BOX_TOLERANCE = 1e-4  # largest |ONNX Runtime - PyTorch| of a normalised box coordinate an export may show
+
+
 # Largest |ONNX Runtime - PyTorch| of a mask logit, as a share of the logits' scale (max |logit|,
 # at least 1): float32 rounding through the network is ~1e-5 of it (the paper model: 4e-5 at a
 # scale of ~10), and kernels differ between CPUs, so a fixed absolute band would not hold.
@@ -46,10 +55,6 @@ def export_onnx(source: str | Path, out: str | Path, check: bool = True) -> tupl
     With `check`, the graph is run against the PyTorch model (`check_onnx`) before anything is
     written, so a failing export leaves no file. Returns the path and the check's report ({}
     without it)."""
-    from vglaw.atomic import atomic_write
-    from vglaw.inference import load_model
-    from vglaw.models.text_encoder import load_tokenizer
-
     out = Path(out)
     if out.suffix != ".onnx":
         raise UsageError(f"--out {out}: an ONNX file name ends in .onnx")
@@ -62,8 +67,6 @@ def export_onnx(source: str | Path, out: str | Path, check: bool = True) -> tupl
     wrapper = _Exported(model, names)
     # A text cache is Python bookkeeping that tracing would freeze into the graph (the first
     # batch's shapes); the traced graph runs the encoder itself.
-    from vglaw.models.scratch import FrozenTextEncoder
-
     cached = {m: m.cache_size for m in model.modules() if isinstance(m, FrozenTextEncoder)}
     for m in cached:
         m.cache_size = 0
@@ -71,8 +74,6 @@ def export_onnx(source: str | Path, out: str | Path, check: bool = True) -> tupl
                "attention_mask": {0: "batch", 1: "tokens"}}
     for name in names:
         dynamic[name] = {0: "batch", **({3: "tokens"} if name == "lang_attention" else {})}
-    import io
-
     buffer = io.BytesIO()
     try:
         with torch.no_grad():
@@ -82,7 +83,7 @@ def export_onnx(source: str | Path, out: str | Path, check: bool = True) -> tupl
     finally:
         for m, size in cached.items():
             m.cache_size = size
-    import onnx
+    import onnx  # the exporter's graph library: only when exporting
 
     graph = onnx.load_from_string(buffer.getvalue())
     text = getattr(model, "init_args", {}).get("text_encoder") or model.text.source
@@ -106,8 +107,6 @@ def check_onnx(onnx_model: str | Path | bytes, model: nn.Module, tokenizer,
     float32 band (`MASK_LOGIT_TOLERANCE` x the logits' scale) of the threshold. Raises
     RuntimeError when a box coordinate differs by more than `BOX_TOLERANCE`, or a mask logit by
     more than the band."""
-    from vglaw.data.transforms import MASK_THRESHOLD
-
     texts = ["the red circle", "the star left of the big blue square at the top", "a square"]
     t = tokenizer(texts, padding=True, return_tensors="pt")
     generator = torch.Generator().manual_seed(0)
@@ -134,108 +133,3 @@ def check_onnx(onnx_model: str | Path | bytes, model: nn.Module, tokenizer,
             raise RuntimeError(f"{path}: ONNX Runtime's {key} differ from PyTorch's by "
                                f"{report[f'max_abs/{key}']:.2e} (> {BOX_TOLERANCE})")
     return report
-
-
-class _Text:
-    """What `Grounder` reads of a model's text encoder: where its tokenizer comes from."""
-
-    def __init__(self, source: str) -> None:
-        from vglaw.models.text_encoder import resolve_text_encoder
-
-        self.source = resolve_text_encoder(source)
-
-
-INPUTS = ("images", "input_ids", "attention_mask")
-
-
-def metadata_problems(meta: dict[str, str], session) -> list[str]:
-    """What in an ONNX file's vglaw metadata is malformed or disagrees with its graph, one line
-    each: the metadata is data a user was handed, checked before it is used."""
-    from vglaw.models.hub import INT_RANGES
-
-    problems = []
-    size, (low, high) = meta.get("vglaw_img_size", ""), INT_RANGES["img_size"]
-    if not size.isdigit() or not low <= int(size) <= high:
-        problems.append(f"metadata vglaw_img_size {size!r} is not an integer in {low}..{high}")
-    inputs = {i.name: i.shape for i in session.get_inputs()}
-    if sorted(inputs) != sorted(INPUTS):
-        problems.append(f"the graph's inputs are {sorted(inputs)}, not {list(INPUTS)}")
-    elif not problems:
-        side = [d for d in inputs["images"][2:] if isinstance(d, int)]
-        if len(inputs["images"]) != 4 or any(d != int(size) for d in side):
-            problems.append(f"metadata vglaw_img_size {size} disagrees with the graph's images input "
-                            f"{inputs['images']}")
-    try:
-        names = json.loads(meta.get("vglaw_outputs", ""))
-    except json.JSONDecodeError:
-        names = None
-    graph = [o.name for o in session.get_outputs()]
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        problems.append("metadata vglaw_outputs is not a JSON list of output names")
-    elif sorted(names) != sorted(graph) or not ({"boxes", "mask_logits"} & set(names)):
-        problems.append(f"metadata vglaw_outputs {names} disagrees with the graph's outputs {graph}")
-    if not isinstance(meta.get("vglaw_text_encoder"), str) or not meta.get("vglaw_text_encoder"):
-        problems.append("metadata vglaw_text_encoder is missing")
-    return problems
-
-
-class OnnxModel:
-    """An exported model run by ONNX Runtime; called like the PyTorch model (tensors in, a dict
-    of tensors out), so `Grounder` and everything after it is shared.
-
-    Args:
-        path: the .onnx file (or the serialised graph itself).
-        threads: intra-op threads (None: ONNX Runtime's choice).
-        spin: let idle intra-op threads busy-wait for the next run (ONNX Runtime's default). Off
-            here: spinning threads take the cores from the PyTorch pre- and post-processing
-            between runs (side by side in one process, they slowed vglaw_small's PyTorch forward
-            from 16 to 41 ms).
-    """
-
-    def __init__(self, path: str | Path | bytes, threads: int | None = None, spin: bool = False) -> None:
-        import onnxruntime as ort
-
-        graph = path if isinstance(path, bytes) else None
-        path = Path("<in memory>") if graph is not None else Path(path)
-        if graph is None and not path.is_file():
-            raise MissingFileError(f"ONNX model not found: {path}")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        if not spin:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(graph if graph is not None else str(path), options,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files
-            raise UsageError(f"{path}: not a usable ONNX model ({str(err).splitlines()[0][:160]})") from err
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "vglaw_img_size" not in meta:
-            raise UsageError(f"{path}: not exported by `vglaw export --onnx` (no vglaw metadata)")
-        problems = metadata_problems(meta, self.session)
-        if problems:
-            raise UsageError("\n".join(f"{path}: {p}" for p in problems))
-        self.img_size = int(meta["vglaw_img_size"])
-        try:
-            self.text = _Text(meta["vglaw_text_encoder"])
-        except UserError as err:
-            raise UsageError(f"{path}: metadata vglaw_text_encoder: {err}") from err
-        self.names = json.loads(meta["vglaw_outputs"])
-        self.source = str(path)
-        self.device = torch.device("cpu")  # ONNX Runtime's CPU provider: inputs go and outputs come back here
-
-    def eval(self) -> OnnxModel:
-        return self
-
-    def to(self, device) -> OnnxModel:
-        return self
-
-    def __call__(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                 return_attention: bool = False) -> dict[str, Tensor]:
-        feeds = {"images": images.cpu().numpy(), "input_ids": input_ids.cpu().numpy(),
-                 "attention_mask": attention_mask.cpu().numpy()}
-        out = dict(zip(self.names, (torch.from_numpy(v) for v in self.session.run(self.names, feeds))))
-        if not return_attention:
-            out.pop("lang_attention", None)
-            out.pop("lap_attention", None)
-        return out

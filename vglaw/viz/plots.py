@@ -5,10 +5,15 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from vglaw.io.atomic import atomic_write
+
 
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
+    import matplotlib  # loaded when a figure is drawn: the backend must be set before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -18,9 +23,6 @@ def pyplot():
 
 def figure_image(fig):
     """A drawn matplotlib figure as an RGB PIL image."""
-    import numpy as np
-    from PIL import Image
-
     fig.canvas.draw()
     return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
 
@@ -44,8 +46,6 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: str | Path, t
     Raises:
         ValueError: no point to plot.
     """
-    from vglaw.atomic import atomic_write
-
     plt = pyplot()
 
     if not any(series.values()):

@@ -20,7 +20,7 @@ from vglaw.errors import UsageError, UserError
 
 def demo_examples(model, data_root: str | Path, n: int = 3) -> list[list[str]]:
     """Test-split images and expressions of the shapes datasets, when the model was trained on them."""
-    from vglaw.models.factory import is_generalised
+    from vglaw.models.loading import is_generalised
 
     variant = getattr(model, "variant", None) or ""
     root = Path(data_root)
@@ -38,7 +38,7 @@ def demo_examples(model, data_root: str | Path, n: int = 3) -> list[list[str]]:
     else:
         path = root / "shapes" / "refs(unc).p"
         if path.is_file():
-            from vglaw.safe_pickle import plain_load
+            from vglaw.io.safe_pickle import plain_load
 
             refs = [r for r in plain_load(path) if r["split"] == "test"]
             for r in refs[: 4 * n : 4]:
@@ -55,7 +55,8 @@ def ground(grounder, lock: threading.Lock, image_path: str | None, texts: str, e
 
     from vglaw.data.text import check_expression
     from vglaw.inference import WORKING_SIDE, prepare_image
-    from vglaw.predict import draw_overlay, result_json
+    from vglaw.inference.results import result_json
+    from vglaw.viz.overlay import draw_overlay
 
     if not image_path:
         raise UsageError("upload an image first (or pick an example)")
@@ -81,8 +82,8 @@ def ground(grounder, lock: threading.Lock, image_path: str | None, texts: str, e
     report = {"width": size[1], "height": size[0], "box_format": "xyxy", "results": [result_json(r) for r in results]}
     figures = []
     if explain:
-        from vglaw.explain import build_explain_figure
-        from vglaw.plots import figure_image, pyplot
+        from vglaw.viz.explain import build_explain_figure
+        from vglaw.viz.plots import figure_image, pyplot
 
         plt = pyplot()
         for r in results:
@@ -154,8 +155,7 @@ def main(argv: list[str]) -> int:
         import gradio  # noqa: F401
     except ImportError as err:
         raise UsageError("vglaw serve needs Gradio: pip install -e '.[serve]' (make setup installs it)") from err
-    from vglaw.inference import Grounder
-    from vglaw.predict import resolve_model
+    from vglaw.inference import Grounder, resolve_model
 
     grounder = Grounder(resolve_model(args.model), args.device)
     app = build_app(grounder, demo_examples(grounder.model, args.data))

@@ -9,7 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from transformers.utils import cached_file
+
+from vglaw.data.grefer import GReferDataset
+from vglaw.data.refer import DEFAULT_SPLIT_BY, GENERALISED, IMAGE_DIRS, SPLITS, ReferDataset
 from vglaw.errors import UserError
+from vglaw.io.safe_pickle import load_torch_file
+from vglaw.models.loading import VARIANTS, is_generalised
+from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, resolve_text_encoder
 
 
 class PreflightError(UserError):
@@ -22,8 +29,6 @@ class PreflightError(UserError):
 
 def text_encoder_problem(name: str) -> str | None:
     """None if the text encoder can be loaded here, else what to do."""
-    from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, resolve_text_encoder
-
     try:
         path = resolve_text_encoder(name)
     except UserError as err:
@@ -34,8 +39,6 @@ def text_encoder_problem(name: str) -> str | None:
         return None
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
-        from transformers.utils import cached_file
-
         cached_file(name, "config.json", local_files_only=True)
         return None
     except Exception:  # noqa: BLE001 - not in the local cache, whatever the reason
@@ -53,10 +56,6 @@ def check_run(subcommand: str, config) -> None:
     Raises:
         PreflightError: one line per problem.
     """
-    from vglaw.data.grefer import GReferDataset
-    from vglaw.data.refer import DEFAULT_SPLIT_BY, GENERALISED, IMAGE_DIRS, SPLITS, ReferDataset
-    from vglaw.models.factory import VARIANTS, is_generalised
-
     problems: list[str] = []
     data, model, trainer = config.data, config.model, config.trainer
     if data.batch_size is None or data.batch_size < 1:
@@ -100,8 +99,6 @@ def check_run(subcommand: str, config) -> None:
         if not Path(ckpt).expanduser().is_file():
             problems.append(f"--ckpt_path {ckpt} not found")
         else:
-            from vglaw.safe_pickle import load_torch_file
-
             try:
                 load_torch_file(ckpt, "checkpoint")
             except UserError as err:

@@ -1,0 +1,1 @@
+"""Pictures of answers and runs: overlays (`overlay`), explanation figures (`explain`), charts (`plots`)."""

@@ -121,7 +121,6 @@ def test_the_page_grounds_the_uploaded_file_itself(tiny_ckpt, shapes_root, tmp_p
 
     from vglaw.commands.serve import ground, image_input
     from vglaw.inference import Grounder
-    from vglaw.inference.results import result_json
 
     rgb = np.asarray(Image.open(next((shapes_root / "images" / "shapes").glob("test_*.png"))).convert("RGB"))
     rgba = np.dstack([rgb, np.where(rgb.sum(-1) > 600, 0, 255).astype(np.uint8)])  # light pixels transparent
@@ -131,5 +130,5 @@ def test_the_page_grounds_the_uploaded_file_itself(tiny_ckpt, shapes_root, tmp_p
     assert Path(received).read_bytes() == upload.read_bytes()
     grounder = Grounder(str(tiny_ckpt))
     page = ground(grounder, threading.Lock(), received, "the red circle", False)[1]["results"]
-    cli = result_json(grounder.predict(str(upload), ["the red circle"])[0])
+    cli = grounder.predict(str(upload), ["the red circle"])[0].to_json()
     assert page[0]["box"] == cli["box"] and page[0]["mask_rle"] == cli["mask_rle"]

@@ -303,12 +303,13 @@ def test_generalised_fit_predict_and_no_target(gshapes_root, tmp_path, capsys):
         assert len(r["boxes"]) == len(r["box_scores"])
         if r["no_target"]:
             assert r["boxes"] == [] and r["mask_area"] == 0
+    from vglaw.inference.results import Grounding
     from vglaw.viz.overlay import draw_overlay
 
-    results = [{"text": "x", "size": (10, 20), "exists": 0.9, "no_target": False, "mask": np.zeros((10, 20), bool),
-                "boxes": [[1, 1, 5, 5], [10, 2, 18, 8]], "box_scores": [0.9, 0.8]},
-               {"text": "y", "size": (10, 20), "exists": 0.1, "no_target": True, "mask": np.zeros((10, 20), bool),
-                "boxes": [], "box_scores": []}]
+    results = [Grounding("x", (10, 20), exists=0.9, no_target=False, mask=np.zeros((10, 20), bool),
+                         boxes=[[1, 1, 5, 5], [10, 2, 18, 8]], box_scores=[0.9, 0.8]),
+               Grounding("y", (10, 20), exists=0.1, no_target=True, mask=np.zeros((10, 20), bool),
+                         boxes=[], box_scores=[])]
     picture = np.asarray(draw_overlay(np.zeros((10, 20, 3), np.uint8), results))
     assert picture.any()  # both boxes drawn and the labels
 

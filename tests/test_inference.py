@@ -1,4 +1,5 @@
 """Model folders, loading any model source safely, prediction (single, batch, explain), ablation."""
+import contextlib
 import json
 import pickle
 from pathlib import Path
@@ -11,7 +12,7 @@ from PIL import Image
 import vglaw
 from vglaw.cli import main
 from vglaw.errors import MissingFileError, UnsafeFileError, UsageError
-from vglaw.inference import Grounder, load_model
+from vglaw.inference import Grounder, load_model, prepare_image
 
 
 class _Payload:
@@ -339,3 +340,45 @@ def test_an_image_in_memory_is_converted_as_the_same_file_would_be(tmp_path):
             got = prepare_image(other)
             assert got[1] == from_file[1] and np.array_equal(got[0], from_file[0]), name
     assert prepare_image(wide)[0].shape[1] == WORKING_SIDE
+
+
+def test_results_are_typed_and_each_expression_is_tokenised_once_as_before(tiny_ckpt, shapes_root, tokenizer):
+    from vglaw.data.text import tokenize
+    from vglaw.inference.results import Grounding
+
+    image = next((shapes_root / "images" / "shapes").glob("test_*.png"))
+    g = Grounder(str(tiny_ckpt))
+    long = " ".join(["the big red circle left of the small blue square"] * 8)  # > 40 tokens: truncated
+    with pytest.warns(UserWarning, match="truncated"):
+        results = g.predict(str(image), ["the red circle", long], return_attention=True)
+    assert all(isinstance(r, Grounding) for r in results)
+    r = results[0]
+    assert r.box is not None and r.mask.dtype == bool and r.mask.shape == r.size and 0 <= r.score <= 1
+    assert not r.generalised and r.exists is None and r.boxes is None
+    # the ids the model read are the batch tokenizer's, special tokens and truncation included
+    array, size = prepare_image(str(image))
+    for text in ("the red circle", long):
+        with pytest.warns(UserWarning) if text == long else contextlib.nullcontext():
+            ids = g.prepare(array, size, text).ids
+        reference = tokenize(tokenizer, [text], g.max_tokens, warn=False)["input_ids"][0].tolist()
+        assert ids == reference
+    assert results[1].attention.tokens == tokenizer.convert_ids_to_tokens(reference)
+    # the exchange form, and the mapping view kept for code written against dict results
+    item = r.to_json()
+    assert set(item) == {"text", "box", "score", "mask_area", "mask_rle"}
+    assert r["box"] == r.box and "mask" in r and "exists" not in r and r["lang_attention"] is r.attention.lang
+    with pytest.raises(KeyError):
+        r["boxes"]
+
+
+def test_help_answers_without_loading_torch():
+    import subprocess
+    import sys
+
+    for argv in ([], ["predict"], ["export"], ["ablate"], ["data"], ["serve"], ["bench"]):
+        code = ("import sys; from vglaw.cli import main\n"
+                f"try:\n    main({argv + ['--help']!r})\nexcept SystemExit:\n    pass\n"
+                "assert 'torch' not in sys.modules, 'torch was imported'")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (argv, done.stderr[-2000:])
+        assert "usage" in done.stdout.lower(), (argv, done.stdout)

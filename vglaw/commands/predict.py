@@ -109,7 +109,7 @@ def single_outputs(args) -> tuple[Path, list[Path]]:
 def predict_many(args, grounder, pairs: list, bad: list, output: Path, overlays: dict[int, Path]) -> int:
     from tqdm import tqdm
 
-    from vglaw.inference.results import result_json
+    from vglaw.inference.results import PairError
     from vglaw.viz.overlay import draw_overlay
 
     for n, problem in bad:
@@ -124,17 +124,17 @@ def predict_many(args, grounder, pairs: list, bad: list, output: Path, overlays:
                                              keep_image=bool(overlays))
             for (n, image, text), r in tqdm(zip(pairs, results), total=len(pairs), desc="predict", unit="pair"):
                 record = {"line": n, "image": str(image), "text": text}
-                if "error" in r:
+                if isinstance(r, PairError):
                     skipped += 1
-                    record["error"] = r["error"]
+                    record["error"] = r.error
                     where = "line" if args.pairs else "pair"
-                    print(f"vglaw predict: skipped {where} {n}: {r['error']}", file=sys.stderr)
+                    print(f"vglaw predict: skipped {where} {n}: {r.error}", file=sys.stderr)
                 else:
                     done += 1
-                    record.update({"height": r["size"][0], "width": r["size"][1], "box_format": "xyxy",
-                                   **result_json(r)})
+                    record.update({"height": r.size[0], "width": r.size[1], "box_format": "xyxy", **r.to_json()})
                     if overlays:
-                        record["overlay"] = str(save_image(draw_overlay(r.pop("working_image"), [r]), overlays[n]))
+                        record["overlay"] = str(save_image(draw_overlay(r.image, [r]), overlays[n]))
+                        r.image = None  # drawn: the next image may replace it
                 records[n] = record
                 while records and min(records) <= n:  # keep the input's order, bad lines included
                     out.write(json.dumps(records.pop(min(records))) + "\n")
@@ -150,17 +150,16 @@ def predict_many(args, grounder, pairs: list, bad: list, output: Path, overlays:
 
 def predict_one(args, grounder, out: Path, figures: list[Path]) -> int:
     from vglaw.inference import prepare_image
-    from vglaw.inference.results import result_json
     from vglaw.viz.explain import explain_figure
     from vglaw.viz.overlay import draw_overlay
 
     array, size = prepare_image(args.image)
-    results = grounder.run([grounder.prepare(array, size, t) for t in args.text], return_attention=args.explain)
+    results = grounder.predict_decoded(array, size, args.text, return_attention=args.explain)
     save_image(draw_overlay(array, results), out)
     if args.explain:
         figures = [str(explain_figure(array, r, figure, grounder.img_size)) for r, figure in zip(results, figures)]
     report = {"image": str(args.image), "height": size[0], "width": size[1], "box_format": "xyxy",
-              "model": str(getattr(grounder.model, "source", "")), "results": [result_json(r) for r in results],
+              "model": str(getattr(grounder.model, "source", "")), "results": [r.to_json() for r in results],
               "overlay": str(out), **({"explain": figures} if figures else {})}
     if args.json_out:
         with atomic_write(args.json_out, "w") as f:
@@ -169,13 +168,13 @@ def predict_one(args, grounder, out: Path, figures: list[Path]) -> int:
         print(json.dumps(report, indent=2))
     else:
         for r in results:
-            if r.get("no_target"):
-                print(f"{r['text']!r}: no target (existence score {r['exists']:.2f})")
-            elif "boxes" in r:
-                print(f"{r['text']!r}: {len(r['boxes'])} boxes (existence score {r['exists']:.2f}): " +
-                      ", ".join(f"{b} score={s}" for b, s in zip(r["boxes"], r["box_scores"])))
+            if r.no_target:
+                print(f"{r.text!r}: no target (existence score {r.exists:.2f})")
+            elif r.generalised:
+                print(f"{r.text!r}: {len(r.boxes)} boxes (existence score {r.exists:.2f}): " +
+                      ", ".join(f"{b} score={s}" for b, s in zip(r.boxes, r.box_scores)))
             else:
-                print(f"{r['text']!r}: box={r.get('box')} score={r.get('score')}")
+                print(f"{r.text!r}: box={r.box} score={r.score}")
         print(f"overlay written to {out}" + (f"; explanations: {', '.join(figures)}" if figures else ""))
     return 0
 

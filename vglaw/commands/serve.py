@@ -52,11 +52,10 @@ MAX_EXPLAINED = 4  # explanation figures per request (each is a matplotlib figur
 
 def ground(grounder, lock: threading.Lock, image_path: str | None, texts: str, explain: bool) -> tuple:
     """One request: (overlay, JSON results, explanation figures, a note), or a `UserError`."""
-
-    from vglaw.data.text import check_expression
     from vglaw.inference import WORKING_SIDE, prepare_image
-    from vglaw.inference.results import result_json
+    from vglaw.viz.explain import build_explain_figure
     from vglaw.viz.overlay import draw_overlay
+    from vglaw.viz.plots import figure_image, pyplot
 
     if not image_path:
         raise UsageError("upload an image first (or pick an example)")
@@ -69,22 +68,17 @@ def ground(grounder, lock: threading.Lock, image_path: str | None, texts: str, e
     if explain and len(lines) > MAX_EXPLAINED:
         raise UsageError(f"explanations are drawn for up to {MAX_EXPLAINED} expressions at a time; "
                          f"this request has {len(lines)}")
-    lines = [check_expression(t) for t in lines]
     array, size = prepare_image(image_path)
     note = ""
     if max(size) > WORKING_SIDE:
         note = (f"The image is {size[1]}x{size[0]} pixels; it was read at {array.shape[1]}x{array.shape[0]} for the "
                 "model. Boxes and masks in the JSON are in its original pixels.")
     with lock:  # one model, one tokenizer: requests take turns, each with its own results
-        items = [grounder.prepare(array, size, t) for t in lines]
-        results = grounder.run(items, return_attention=explain)
+        results = grounder.predict_decoded(array, size, lines, return_attention=explain)
     overlay = draw_overlay(array, results)
-    report = {"width": size[1], "height": size[0], "box_format": "xyxy", "results": [result_json(r) for r in results]}
+    report = {"width": size[1], "height": size[0], "box_format": "xyxy", "results": [r.to_json() for r in results]}
     figures = []
     if explain:
-        from vglaw.viz.explain import build_explain_figure
-        from vglaw.viz.plots import figure_image, pyplot
-
         plt = pyplot()
         for r in results:
             fig = build_explain_figure(array, r, grounder.img_size)

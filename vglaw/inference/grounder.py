@@ -3,7 +3,7 @@
     from vglaw import Grounder
     g = Grounder("outputs/demo/model")            # a model folder, a hub id or a training .ckpt
     for r in g.predict("photo.jpg", ["the dog on the left", "the man in red"]):
-        r["box"], r["mask"], r["score"]           # xyxy in original pixels, (h, w) bool, float
+        r.box, r.mask, r.score                    # xyxy in original pixels, (h, w) bool, float
 
 Images of any size are read once at a bounded working size (`WORKING_SIDE`); boxes and masks
 come back in the original image's pixels.
@@ -20,10 +20,11 @@ import torch
 from PIL import Image
 
 from vglaw.data.refer import load_image, rgb_array
-from vglaw.data.text import check_expression, real_token_counts, tokenize, warn_truncated
+from vglaw.data.text import check_expression, warn_truncated
 from vglaw.data.transforms import GroundingTransform
 from vglaw.errors import ModelOutputError, UsageError, UserError
 from vglaw.inference.loading import load_model, resolve_device
+from vglaw.inference.results import Attention, Grounding, PairError
 from vglaw.models.generalised import EXIST_THRESHOLD
 from vglaw.models.postprocess import to_original
 from vglaw.models.text_encoder import MAX_TOKENS, load_tokenizer
@@ -35,7 +36,8 @@ WORKING_SIDE = 2048  # images are decoded and kept at most this large; the model
 class Prepared:
     """One image-expression pair as the model reads it."""
 
-    text: str
+    text: str  # cleaned
+    ids: list[int]  # token ids, special tokens included, truncated to `max_tokens`
     sample: dict  # GroundingTransform output, letterbox records in original pixels
     size: tuple[int, int]  # original (h, w)
 
@@ -72,23 +74,28 @@ class Grounder:
         self.transform = GroundingTransform(self.img_size)
 
     def prepare(self, image: np.ndarray, size: tuple[int, int], text: str) -> Prepared:
-        """Letterbox a working-size image; the records map back to the original `size`."""
+        """Clean and tokenise the expression (once) and letterbox a working-size image; the
+        records map back to the original `size`."""
         text = check_expression(text)
-        (real,), (length,) = real_token_counts(self.tokenizer, [text])
-        if real == 0:
+        words = self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
+        if all(t == self.tokenizer.unk_token_id for t in words):
             raise UsageError(f"expression {text!r} has no word the text encoder knows (only unknown symbols)")
-        warn_truncated([text], [length], self.max_tokens, stacklevel=3)
+        warn_truncated([text], [len(words)], self.max_tokens, stacklevel=3)
+        # [CLS] words [SEP], as the tokenizer writes one BERT sequence (truncated at the end)
+        ids = [self.tokenizer.cls_token_id, *words[: self.max_tokens - 2], self.tokenizer.sep_token_id]
         sample = self.transform({"image": image, "text": text})
         new_w, new_h = (float(v) for v in sample["scale"] * torch.tensor(image.shape[1::-1], dtype=torch.float32))
         sample["scale"] = torch.tensor([new_w / size[1], new_h / size[0]], dtype=torch.float32)
         sample["orig_size"] = torch.tensor(size)
-        return Prepared(text, sample, size)
+        return Prepared(text, ids, sample, size)
 
     @torch.no_grad()
-    def run(self, items: list[Prepared], return_attention: bool = False) -> list[dict]:
+    def run(self, items: list[Prepared], return_attention: bool = False) -> list[Grounding]:
         """One batched forward pass over prepared pairs."""
-        texts = [p.text for p in items]
-        tokens = tokenize(self.tokenizer, texts, self.max_tokens, warn=False, check=False)  # `prepare` did both
+        length = max(len(p.ids) for p in items)
+        tokens = {"input_ids": torch.tensor([p.ids + [self.tokenizer.pad_token_id] * (length - len(p.ids))
+                                             for p in items]),
+                  "attention_mask": torch.tensor([[1] * len(p.ids) + [0] * (length - len(p.ids)) for p in items])}
         images = torch.stack([p.sample["image"] for p in items]).to(self.device)
         outputs = self.model(images, tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device),
                              return_attention=return_attention)
@@ -101,64 +108,65 @@ class Grounder:
         pred = to_original(outputs, scale, pad, orig, self.img_size)
         results = []
         for i, p in enumerate(items):
-            r: dict[str, Any] = {"text": p.text, "size": p.size}
+            r = Grounding(p.text, p.size)
             if "boxes" in pred:
-                r["box"] = [round(v, 2) for v in pred["boxes"][i].tolist()]
+                r.box = [round(v, 2) for v in pred["boxes"][i].tolist()]
             if "masks" in pred:
-                r["mask"] = pred["masks"][i].cpu().numpy()
-                r["score"] = round(float(pred["mask_scores"][i]), 4)  # mean probability over the mask
+                r.mask = pred["masks"][i].cpu().numpy()
+                r.score = round(float(pred["mask_scores"][i]), 4)  # mean probability over the mask
             if "box_sets" in pred:  # generalised: every box of the set, or none
-                r["exists"] = round(float(pred["exists"][i]), 4)
-                r["no_target"] = bool(pred["exists"][i] < EXIST_THRESHOLD)  # as `to_original` gated, unrounded
-                r["boxes"] = [[round(v, 2) for v in b] for b in pred["box_sets"][i].tolist()]
-                r["box_scores"] = [round(v, 4) for v in pred["box_set_scores"][i].tolist()]
+                r.exists = round(float(pred["exists"][i]), 4)
+                r.no_target = bool(pred["exists"][i] < EXIST_THRESHOLD)  # as `to_original` gated, unrounded
+                r.boxes = [[round(v, 2) for v in b] for b in pred["box_sets"][i].tolist()]
+                r.box_scores = [round(v, 4) for v in pred["box_set_scores"][i].tolist()]
             if return_attention:
-                n = int(tokens["attention_mask"][i].sum())
-                r["tokens"] = self.tokenizer.convert_ids_to_tokens(tokens["input_ids"][i, :n].tolist())
-                r["lang_attention"] = outputs["lang_attention"][i, :, :, :n].float().cpu().numpy()  # (depth, G, n)
-                if "lap_attention" in outputs:
-                    r["lap_attention"] = outputs["lap_attention"][i].float().cpu().numpy()  # (h, w) of the input
-                if "centre_logits" in outputs:
-                    r["centre_map"] = outputs["centre_logits"][i].float().sigmoid().cpu().numpy()  # (2h, 2w)
-                r["letterbox"] = {k: p.sample[k].tolist() for k in ("scale", "pad")}
+                n = len(p.ids)
+                r.attention = Attention(
+                    tokens=self.tokenizer.convert_ids_to_tokens(p.ids),
+                    lang=outputs["lang_attention"][i, :, :, :n].float().cpu().numpy(),  # (depth, G, n)
+                    letterbox={k: p.sample[k].tolist() for k in ("scale", "pad")},
+                    lap=outputs["lap_attention"][i].float().cpu().numpy() if "lap_attention" in outputs else None,
+                    centre=(outputs["centre_logits"][i].float().sigmoid().cpu().numpy()
+                            if "centre_logits" in outputs else None))
             results.append(r)
         return results
 
-    def predict(self, image: Any, texts: str | list[str], return_attention: bool = False) -> list[dict]:
-        """Every expression in `texts` grounded in one image.
+    def predict(self, image: Any, texts: str | list[str], return_attention: bool = False) -> list[Grounding]:
+        """Every expression in `texts` grounded in one image (a path, a PIL image or an array),
+        one `Grounding` each, in one batched forward pass."""
+        return self.predict_decoded(*prepare_image(image), texts, return_attention)
 
-        Returns one dict per expression: "text"; "box" [x1, y1, x2, y2] in original pixels (box
-        models); "mask" (h, w) bool and "score" (mask models); with `return_attention` the
-        tokens, the per-block language weights "lang_attention" (depth, G, tokens) and the box
-        head's pooling map "lap_attention" (h/16, w/16 of the letterboxed input).
-        """
+    def predict_decoded(self, image: np.ndarray, size: tuple[int, int], texts: str | list[str],
+                        return_attention: bool = False) -> list[Grounding]:
+        """`predict` on an image `prepare_image` has decoded already (to draw on it after)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise UsageError("give at least one expression")
-        array, size = prepare_image(image)
-        return self.run([self.prepare(array, size, t) for t in texts], return_attention)
+        return self.run([self.prepare(image, size, t) for t in texts], return_attention)
 
     def predict_pairs(self, pairs: Iterable[tuple[Any, str]], batch_size: int = 16,
-                      keep_image: bool = False) -> Iterator[dict]:
+                      keep_image: bool = False) -> Iterator[Grounding | PairError]:
         """Many (image, expression) pairs, batched; yields one result per pair in order.
 
-        A pair whose image cannot be read or whose expression is unusable yields
-        {"error": message} instead, and the others go on. With `keep_image`, each result also
-        holds "working_image", the decoded (H, W, 3) picture it was grounded in (shared, not
-        copied, by consecutive pairs of one image), e.g. to draw overlays without decoding again.
+        A pair whose image cannot be read or whose expression is unusable yields a `PairError`
+        instead, and the others go on. With `keep_image`, each `Grounding.image` holds the
+        decoded (H, W, 3) picture it was grounded in (shared, not copied, by consecutive pairs
+        of one image), e.g. to draw overlays without decoding again.
         """
         batch: list[tuple[int, Prepared, np.ndarray]] = []
         cache: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
-        results: dict[int, dict] = {}
+        results: dict[int, Grounding | PairError] = {}
         next_out = 0
 
         def flush() -> None:
             if batch:
                 for (k, _, array), r in zip(batch, self.run([p for _, p, _ in batch])):
-                    results[k] = {**r, "working_image": array} if keep_image else r
+                    if keep_image:
+                        r.image = array
+                    results[k] = r
                 batch.clear()
 
-        def ready() -> Iterator[dict]:
+        def ready() -> Iterator[Grounding | PairError]:
             nonlocal next_out
             while next_out in results:
                 yield results.pop(next_out)
@@ -176,7 +184,7 @@ class Grounder:
                     decoded = cache[key]
                 batch.append((order, self.prepare(*decoded, text), decoded[0]))
             except UserError as err:
-                results[order] = {"error": str(err)}
+                results[order] = PairError(str(err))
             if len(batch) >= batch_size:
                 flush()
             yield from ready()

@@ -1,16 +1,112 @@
-"""Answers as exchange data: the JSON every command writes for a grounded expression."""
+"""What grounding one expression returns (`Grounding`), and its exchange form (`to_json`).
+
+Every caller of the model (`Grounder`, `vglaw predict`, the web page, the overlay and the
+explanation figure) reads these fields; none probes a dict for keys that may be missing.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 
-def result_json(r: dict) -> dict:
-    """A result as JSON: box (xyxy, original pixels), score, mask as COCO RLE with its area; for
-    generalised models also "no_target", "exists" and every box with its score."""
-    item = {k: r[k] for k in ("text", "box", "score", "no_target", "exists", "boxes", "box_scores") if k in r}
-    if "mask" in r:
-        rle = mask_utils.encode(np.asfortranarray(r["mask"].view(np.uint8)))  # one copy, even for 100 MP
-        item["mask_area"] = int(r["mask"].sum())
-        item["mask_rle"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-    return item
+@dataclass(frozen=True)
+class Attention:
+    """Where the model looked, for `return_attention=True`.
+
+    tokens: the expression's WordPiece tokens, `[CLS]` first.
+    lang: (depth, G, tokens) the per-block language aggregation weights α.
+    letterbox: {"scale": [sx, sy], "pad": [left, top]} of the model's input, to map maps back.
+    lap: (h, w) the box head's pooling map over the letterboxed input (box models).
+    centre: (2h, 2w) the referring-object centre probabilities (generalised models).
+    """
+
+    tokens: list[str]
+    lang: np.ndarray
+    letterbox: dict
+    lap: np.ndarray | None = None
+    centre: np.ndarray | None = None
+
+
+@dataclass
+class Grounding:
+    """One expression grounded in one image; coordinates in the original image's pixels.
+
+    text: the expression as the model read it (cleaned).
+    size: the original image's (h, w).
+    box: [x1, y1, x2, y2] (box models; for generalised models the first of `boxes`, if any).
+    mask: (h, w) bool, and score, the mean probability over it (mask models).
+    exists, no_target: the existence probability and the decision (generalised models).
+    boxes, box_scores: every box of the set and its score (generalised models).
+    attention: with `return_attention`.
+    image: the decoded working-size picture it was grounded in, when asked for
+        (`Grounder.predict_pairs(keep_image=True)`), e.g. to draw an overlay.
+    """
+
+    text: str
+    size: tuple[int, int]
+    box: list[float] | None = None
+    mask: np.ndarray | None = field(default=None, repr=False)
+    score: float | None = None
+    exists: float | None = None
+    no_target: bool = False
+    boxes: list[list[float]] | None = None
+    box_scores: list[float] | None = None
+    attention: Attention | None = field(default=None, repr=False)
+    image: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def generalised(self) -> bool:
+        """From a model that grounds 0..N objects."""
+        return self.exists is not None
+
+    def to_json(self) -> dict:
+        """Box (xyxy, original pixels), score, mask as COCO RLE with its area; for generalised
+        models also "no_target", "exists" and every box with its score."""
+        item: dict = {"text": self.text}
+        if self.box is not None:
+            item["box"] = self.box
+        if self.score is not None:
+            item["score"] = self.score
+        if self.generalised:
+            item.update(no_target=self.no_target, exists=self.exists, boxes=self.boxes, box_scores=self.box_scores)
+        if self.mask is not None:
+            rle = mask_utils.encode(np.asfortranarray(self.mask.view(np.uint8)))  # one copy, even for 100 MP
+            item["mask_area"] = int(self.mask.sum())
+            item["mask_rle"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+        return item
+
+    # Read as a mapping too (r["box"], "mask" in r), as results were before they were typed.
+    _KEYS = {"text": "text", "size": "size", "box": "box", "mask": "mask", "score": "score", "exists": "exists",
+             "boxes": "boxes", "box_scores": "box_scores"}
+    _ATTENTION_KEYS = {"tokens": "tokens", "lang_attention": "lang", "lap_attention": "lap",
+                       "centre_map": "centre", "letterbox": "letterbox"}
+
+    def _lookup(self, key: str):
+        if key in self._KEYS:
+            value = getattr(self, self._KEYS[key])
+        elif key == "no_target":
+            value = self.no_target if self.generalised else None
+        elif key in self._ATTENTION_KEYS and self.attention is not None:
+            value = getattr(self.attention, self._ATTENTION_KEYS[key])
+        else:
+            value = None
+        return value
+
+    def __getitem__(self, key: str):
+        value = self._lookup(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: str) -> bool:
+        return self._lookup(key) is not None
+
+
+@dataclass(frozen=True)
+class PairError:
+    """A pair of `Grounder.predict_pairs` that could not be grounded (an unreadable image, an
+    unusable expression); the others go on."""
+
+    error: str

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from vglaw.data.transforms import resize_mask_nearest
+from vglaw.inference.results import Grounding
 from vglaw.io.atomic import atomic_write
 from vglaw.viz.plots import pyplot
 
@@ -33,7 +34,7 @@ def pooling_map_on_image(lap: np.ndarray, letterbox: dict, image_shape: tuple[in
     return np.asarray(Image.fromarray(up).resize((image_shape[1], image_shape[0]), Image.NEAREST))
 
 
-def explain_figure(image: np.ndarray, result: dict, path: str | Path, img_size: int) -> Path:
+def explain_figure(image: np.ndarray, result: Grounding, path: str | Path, img_size: int) -> Path:
     """Write the three-panel PNG (`build_explain_figure`) for one result."""
     plt = pyplot()
     fig = build_explain_figure(image, result, img_size)
@@ -44,23 +45,26 @@ def explain_figure(image: np.ndarray, result: dict, path: str | Path, img_size: 
     return path
 
 
-def build_explain_figure(image: np.ndarray, result: dict, img_size: int):
+def build_explain_figure(image: np.ndarray, result: Grounding, img_size: int):
     """The matplotlib figure for one result of `Grounder.predict(..., return_attention=True)`.
 
     Args:
         image: the picture to draw on, (H, W, 3) uint8 (any size; boxes and masks are scaled).
-        result: one result with "tokens", "lang_attention" and, for box models, "lap_attention".
+        result: one result with its `attention`.
         img_size: the model's input side S.
 
     Returns:
         a 15 x 4.8 inch figure whose first three axes are the panels (a), (b), (c).
     """
     plt = pyplot()
-    h0, w0 = result["size"]
+    if result.attention is None:
+        raise ValueError("an explanation needs the result's attention: Grounder.predict(..., return_attention=True)")
+    att = result.attention
+    h0, w0 = result.size
     H, W = image.shape[:2]
     fx, fy = W / w0, H / h0
-    alpha = result["lang_attention"].mean(axis=1)  # (depth, tokens): groups averaged
-    tokens = result["tokens"]
+    alpha = att.lang.mean(axis=1)  # (depth, tokens): groups averaged
+    tokens = att.tokens
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [1.3, 1, 1]})
     ax = axes[0]
     im = ax.imshow(alpha, aspect="auto", cmap="viridis", vmin=0)
@@ -70,32 +74,32 @@ def build_explain_figure(image: np.ndarray, result: dict, img_size: int):
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax = axes[1]
     ax.imshow(image)
-    if "lap_attention" in result or "centre_map" in result:
-        key = "lap_attention" if "lap_attention" in result else "centre_map"
-        heat = pooling_map_on_image(result[key], result["letterbox"], image.shape[:2], img_size, (h0, w0))
+    if att.lap is not None or att.centre is not None:
+        grid = att.lap if att.lap is not None else att.centre
+        heat = pooling_map_on_image(grid, att.letterbox, image.shape[:2], img_size, (h0, w0))
         overlay = plt.get_cmap("inferno")(heat / max(float(heat.max()), 1e-12))  # (H, W, 4)
         overlay[..., 3] = 0.75 * heat / max(float(heat.max()), 1e-12)  # the image shows where attention is low
         ax.imshow(overlay)
-        ax.set_title("(b) box head's pooling map A" if key == "lap_attention" else
+        ax.set_title("(b) box head's pooling map A" if att.lap is not None else
                      "(b) referred-object centre map", fontsize=10)
     else:
         ax.set_title("(b) no box head in this model", fontsize=10)
     ax.axis("off")
     ax = axes[2]
     ax.imshow(image)
-    if "mask" in result:
-        mask = resize_mask_nearest(result["mask"], H, W)
+    if result.mask is not None:
+        mask = resize_mask_nearest(result.mask, H, W)
         overlay = np.zeros((H, W, 4), dtype=np.float32)
         overlay[mask] = (0.9, 0.1, 0.3, 0.5)
         ax.imshow(overlay)
-    for x1, y1, x2, y2 in ([result["box"]] if "box" in result else []) + result.get("boxes", []):
+    for x1, y1, x2, y2 in ([result.box] if result.box is not None else []) + (result.boxes or []):
         ax.add_patch(plt.Rectangle((x1 * fx, y1 * fy), (x2 - x1) * fx, (y2 - y1) * fy, fill=False,
                                    edgecolor="lime", linewidth=2))
-    score = f" (score {result['score']:.2f})" if "score" in result else ""
-    if result.get("no_target"):
-        score = f" (no target, existence {result['exists']:.2f})"
+    score = f" (score {result.score:.2f})" if result.score is not None else ""
+    if result.no_target:
+        score = f" (no target, existence {result.exists:.2f})"
     ax.set_title(f"(c) mask and box{score}", fontsize=10)
     ax.axis("off")
-    fig.suptitle(f"\u201c{result['text']}\u201d", fontsize=12)
+    fig.suptitle(f"\u201c{result.text}\u201d", fontsize=12)
     fig.tight_layout()
     return fig

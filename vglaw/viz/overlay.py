@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vglaw.data.transforms import resize_mask_nearest
+from vglaw.inference.results import Grounding
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
@@ -14,7 +15,7 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 OVERLAY_MIN_SIDE = 512  # smaller pictures are enlarged so the expressions fit as text
 
 
-def draw_overlay(image: np.ndarray, results: list[dict]) -> Image.Image:
+def draw_overlay(image: np.ndarray, results: list[Grounding]) -> Image.Image:
     """The picture with each expression's mask, box and text in its own colour.
 
     `image` may be smaller than the original (a working copy of a large photo); masks and boxes,
@@ -24,8 +25,8 @@ def draw_overlay(image: np.ndarray, results: list[dict]) -> Image.Image:
     H, W = image.shape[:2]
     canvas = image.astype(np.float32)
     for k, r in enumerate(results):
-        if r.get("mask") is not None and r["mask"].any():
-            mask = resize_mask_nearest(r["mask"], H, W)
+        if r.mask is not None and r.mask.any():
+            mask = resize_mask_nearest(r.mask, H, W)
             colour = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
             canvas[mask] = 0.5 * canvas[mask] + 0.5 * colour
     out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
@@ -36,23 +37,23 @@ def draw_overlay(image: np.ndarray, results: list[dict]) -> Image.Image:
     width = max(1, round(max(out.size) / 200))
     for k, r in enumerate(results):
         colour = PALETTE[k % len(PALETTE)]
-        h0, w0 = r.get("size", (H, W))
+        h0, w0 = r.size
         fx, fy = out.width / w0, out.height / h0
         scale = lambda b, fx=fx, fy=fy: [b[0] * fx, b[1] * fy, b[2] * fx, b[3] * fy]  # noqa: E731
-        box = scale(r["box"]) if "box" in r else None
+        box = scale(r.box) if r.box is not None else None
         if box is not None:
             draw.rectangle(box, outline=colour, width=width)
-        for b, s in zip(r.get("boxes", []), r.get("box_scores", [])):  # generalised: every box of the set
+        for b, s in zip(r.boxes or [], r.box_scores or []):  # generalised: every box of the set
             b = scale(b)
             draw.rectangle(b, outline=colour, width=width)
             draw.text((b[0] + 2, b[1] + 1), f"{s:.2f}", fill=colour)
             box = box or b
         x, y = (box[0], max(0, box[1] - 12)) if box is not None else (2, 2 + 12 * k)
-        label = " ".join(r["text"].split())
-        if r.get("no_target"):
-            label += f" (no target, existence {r['exists']:.2f})"
-        elif "score" in r:
-            label += f" ({r['score']:.2f})"
+        label = " ".join(r.text.split())
+        if r.no_target:
+            label += f" (no target, existence {r.exists:.2f})"
+        elif r.score is not None:
+            label += f" ({r.score:.2f})"
         x = max(0, min(x, out.width - draw.textlength(label)))  # keep the label inside the picture
         left, top, right, bottom = draw.textbbox((x, y), label)
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))

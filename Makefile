@@ -45,8 +45,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check vglaw tests
 
 # docs/src/*.md -> docs/*.md, with links to the lines that define the code they name.
-docs:
-	$(PYTHON) docs/src/render.py
+docs: $(STAMP)
+	$(PY) docs/src/render.py
 
 demo: $(STAMP)
 	$(PY) -m vglaw.commands.demo --data $(SHAPES) --out $(OUT) $(ARGS)

@@ -1,6 +1,7 @@
 """Render docs/src/*.md into docs/: each {{path::Symbol}} or {{path::Class.method}} becomes a link
-to the line that defines it, so the links follow the code. Run `make docs` after moving code;
-tests/test_docs.py fails while docs/ is stale."""
+to the file that defines it, named by the symbol (checked to be defined there). Links carry no
+line numbers, so an edit above a definition leaves docs/ as it was; moving or renaming a
+definition makes rendering (and tests/test_docs.py) fail until docs/src names its new place."""
 from __future__ import annotations
 
 import re
@@ -29,7 +30,11 @@ def definition_line(path: str, symbol: str) -> int:
 
 
 def render(text: str) -> str:
-    return LINK.sub(lambda m: f"[`{m.group(2)}`](../{m.group(1)}#L{definition_line(m.group(1), m.group(2))})", text)
+    def link(m: re.Match) -> str:
+        definition_line(m.group(1), m.group(2))  # fails when the file does not define the symbol
+        return f"[`{m.group(2)}`](../{m.group(1)})"
+
+    return LINK.sub(link, text)
 
 
 def main() -> None:

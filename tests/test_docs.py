@@ -50,7 +50,7 @@ def test_readme_names_only_make_targets_and_files_that_exist():
 def test_no_placeholders_left_in_the_documents():
     """An UPPER_CASE_NAME in a document is a constant or environment variable the code uses, not a
     figure still to be filled in."""
-    code = "\n".join(p.read_text() for p in [*REPO.glob("vglaw/**/*.py"), *REPO.glob("tests/*.py"),
+    code = "\n".join(p.read_text() for p in [*REPO.glob("vglaw/**/*.py"), *REPO.glob("tests/**/*.py"),
                                              REPO / "Makefile", REPO / ".ci" / "run"])
     for path in [REPO / "README.md", REPO / "data" / "README.md", *(REPO / "docs").glob("*.md")]:
         names = set(re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", path.read_text()))

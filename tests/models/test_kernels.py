@@ -19,7 +19,7 @@ def backbone(**kw):
 
 def test_flex_attention_equals_sdpa_with_the_additive_bias():
     """Window (padded 5x5 -> 6x6) and global blocks. PyTorch runs flex attention's backward on
-    GPUs only; the gradients are compared in tests/test_gpu.py. Two kernels for one function:
+    GPUs only; the gradients are compared in tests/training/test_gpu.py. Two kernels for one function:
     compared in float64, where they agree to rounding (~1e-15 of outputs of scale ~3)."""
     m = backbone().double()
     x = torch.randn(2, 3, 80, 80, dtype=torch.float64)

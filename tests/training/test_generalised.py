@@ -10,7 +10,7 @@ import vglaw
 from tests.fixtures import write_grefcoco
 from vglaw.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

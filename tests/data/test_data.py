@@ -18,7 +18,7 @@ from vglaw.data.transforms import GroundingTransform, flip_text, has_direction_w
 from vglaw.io.safe_pickle import UnsafePickleError
 from vglaw.models.postprocess import boxes_to_original, mask_to_original
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

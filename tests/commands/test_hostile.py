@@ -13,7 +13,7 @@ from PIL import Image
 from tests.fixtures import write_refcoco
 from vglaw.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class _Payload:

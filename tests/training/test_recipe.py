@@ -10,7 +10,7 @@ import vglaw
 from vglaw.cli import main
 from vglaw.training.module import VGLAWModule, no_weight_decay_names
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_low_rank_factors_start_as_the_port_initialises_them():

@@ -20,7 +20,7 @@ from vglaw.training.losses import category_loss, lap_attention_loss
 from vglaw.training.metrics import GroundingMetrics, box_iou_pairwise
 from vglaw.training.module import VGLAWModule
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_metrics_on_a_case_worked_by_hand():

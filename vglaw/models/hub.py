@@ -52,9 +52,13 @@ class ModelFolderMixin(
                 "vglaw_version": __version__, **args}
 
     def _text_from_package(self) -> bool:
-        """True when the text encoder is the packaged MiniLM, frozen: its weights need no copy."""
+        """True when the text encoder is the packaged MiniLM with its pretrained weights, frozen:
+        its weights need no copy. (Built with `text_pretrained=False`, its weights are not the
+        package's and are stored.)"""
+        args = getattr(self, "init_args", None) or self._hub_mixin_config or {}
         frozen = not any(p.requires_grad for p in self.text.parameters())
-        return frozen and self.text.source == resolve_text_encoder(DEFAULT_TEXT_ENCODER)
+        return (frozen and args.get("text_pretrained", True) is not False
+                and self.text.source == resolve_text_encoder(DEFAULT_TEXT_ENCODER))
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> str | None:
         kwargs.setdefault("config", self.model_config())

@@ -735,3 +735,14 @@ def test_fit_never_mixes_with_an_earlier_run_unasked(shapes_root, tmp_path, caps
     assert "removed the earlier run's" in capsys.readouterr().err
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
     assert "0,99" not in (run / "metrics.csv").read_text()
+
+
+def test_make_demo_never_replaces_an_earlier_demo_unasked(shapes_root, tmp_path):
+    from vglaw.commands.demo import main as demo_main
+
+    earlier = tmp_path / "demo" / "logs" / "demo" / "checkpoints"
+    earlier.mkdir(parents=True)
+    (earlier / "last.ckpt").write_text("28 minutes of training")
+    with pytest.raises(SystemExit, match="holds an earlier demo run.*ARGS=--overwrite"):
+        demo_main(["--data", str(shapes_root), "--out", str(tmp_path / "demo")])
+    assert (earlier / "last.ckpt").read_text() == "28 minutes of training"

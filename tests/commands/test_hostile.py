@@ -682,6 +682,10 @@ def test_an_existing_output_is_refused_unless_overwrite_and_default_names_never_
     first, second = (json.loads(r)["overlay"] for r in capsys.readouterr().out.split("\n}\n") if r.strip()
                      for r in [r + "\n}"])
     assert first != second and Path(first).is_file() and Path(second).is_file()
+    dotted = tmp_path / "scan.v2.final.png"  # dots in the stem are not a suffix: the hash stays
+    shutil.copy(image, dotted)
+    assert main([*base[:2], str(dotted), *base[3:], "--json"]) == 0
+    assert Path(json.loads(capsys.readouterr().out)["overlay"]).name.startswith("scan.v2.final-")
     # batch mode: --output, and each picture of --overlays
     pairs = tmp_path / "p.jsonl"
     pairs.write_text(json.dumps({"image": str(image), "text": "the red circle"}) + "\n")
@@ -745,4 +749,7 @@ def test_make_demo_never_replaces_an_earlier_demo_unasked(shapes_root, tmp_path)
     (earlier / "last.ckpt").write_text("28 minutes of training")
     with pytest.raises(SystemExit, match="holds an earlier demo run.*ARGS=--overwrite"):
         demo_main(["--data", str(shapes_root), "--out", str(tmp_path / "demo")])
+    # `vglaw fit` overrides pass through (make demo ARGS=--trainer.max_epochs=2), checked after the run's outputs
+    with pytest.raises(SystemExit, match="holds an earlier demo run"):
+        demo_main(["--data", str(shapes_root), "--out", str(tmp_path / "demo"), "--trainer.max_epochs=2"])
     assert (earlier / "last.ckpt").read_text() == "28 minutes of training"

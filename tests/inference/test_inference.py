@@ -369,6 +369,11 @@ def test_results_are_typed_and_each_expression_is_tokenised_once_as_before(tiny_
     assert r["box"] == r.box and "mask" in r and "exists" not in r and r["lang_attention"] is r.attention.lang
     with pytest.raises(KeyError):
         r["boxes"]
+    assert r.get("boxes") is None and r.get("box") == r.box and "lang_attention" in list(r)
+    from vglaw.inference.results import PairError
+
+    failed = PairError("image not found: x.png")
+    assert "error" in failed and failed["error"] == failed.get("error") == "image not found: x.png"
 
 
 def test_help_answers_without_loading_torch():

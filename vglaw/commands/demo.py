@@ -52,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
     parser.add_argument("extra", nargs="*", help="further `vglaw fit` overrides, e.g. --trainer.max_epochs=2")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)  # `vglaw fit` overrides: --trainer.max_epochs=2, ...
+    args.extra = [*unknown, *args.extra]
     mode = GENERALISED if args.generalised else SINGLE
     out, data, config = Path(args.out or mode["out"]), Path(args.data), args.config or mode["config"]
     start = time.time()
     earlier = [p for p in (out / "logs" / "demo", out / "logs" / "demo_test") if p.is_dir() and any(p.iterdir())]
+    earlier += [p for p in (out / "predict.png", out / "test_metrics.json", out / "learning_curve.png") if p.exists()]
     if earlier and not args.overwrite:
         raise SystemExit(f"make demo: {out} holds an earlier demo run ({earlier[0]}); keep it and write elsewhere "
                          f"(make {'demo-gref OUT_GREF' if args.generalised else 'demo OUT'}=another/folder), or "

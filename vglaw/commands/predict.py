@@ -72,8 +72,8 @@ def overlay_paths(args, pairs) -> dict[int, Path]:
     only with --overwrite)."""
     if not args.overlays:
         return {}
-    folder = check_output(Path(args.overlays), [Path(args.pairs or args.images)], kind="dir", flag="--overlays",
-                          overwrite=True)  # the folder may exist; each file in it is checked
+    # the folder may exist, and hold the inputs: each picture has a name of its own, checked below
+    folder = check_output(Path(args.overlays), kind="dir", flag="--overlays", overwrite=True)
     paths = {n: folder / f"{slug(image)}-{n}.png" for n, image, _ in pairs}
     existing = [p for p in paths.values() if p.exists()]
     if existing and not args.overwrite:
@@ -93,7 +93,7 @@ def single_outputs(args) -> tuple[Path, list[Path]]:
             check_output(figure, [Path(args.image)], kind="image", flag="--explain", overwrite=args.overwrite)
     else:
         base, k = Path("outputs/predict") / slug(args.image), 1
-        out = base.with_suffix(".png")
+        out = base.with_name(base.name + ".png")  # the slug may hold dots: not a suffix
         while any(p.exists() for p in [out, *explain(out)]):  # a name of its own, figures included
             k += 1
             out = base.with_name(f"{base.name}-{k}.png")
@@ -196,7 +196,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--explain", action="store_true", help="per expression, a PNG of the block x word "
                         "language weights, the pooling map, mask and box")
     parser.add_argument("--output", default=None,
-                        help="batch mode: results JSONL (default: <input>.predictions.jsonl)")
+                        help="batch mode: results JSONL (default: <input>.predictions.jsonl, or -2, -3, ... when "
+                        "that exists)")
     parser.add_argument("--overlays", default=None,
                         help="batch mode: also write an overlay per pair to this folder")
     parser.add_argument("--overwrite", action="store_true",

@@ -35,7 +35,7 @@ class Grounding:
 
     text: the expression as the model read it (cleaned).
     size: the original image's (h, w).
-    box: [x1, y1, x2, y2] (box models; for generalised models the first of `boxes`, if any).
+    box: [x1, y1, x2, y2] (box models; generalised models give `boxes` instead).
     mask: (h, w) bool, and score, the mean probability over it (mask models).
     exists, no_target: the existence probability and the decision (generalised models).
     boxes, box_scores: every box of the set and its score (generalised models).
@@ -103,6 +103,17 @@ class Grounding:
     def __contains__(self, key: str) -> bool:
         return self._lookup(key) is not None
 
+    def get(self, key: str, default=None):
+        value = self._lookup(key)
+        return default if value is None else value
+
+    def keys(self) -> list[str]:
+        names = [*self._KEYS, "no_target", *self._ATTENTION_KEYS]
+        return [k for k in names if self._lookup(k) is not None]
+
+    def __iter__(self):
+        return iter(self.keys())
+
 
 @dataclass(frozen=True)
 class PairError:
@@ -110,3 +121,15 @@ class PairError:
     unusable expression); the others go on."""
 
     error: str
+
+    # Read as a mapping too ("error" in r, r["error"]), as failed pairs were before they were typed.
+    def __contains__(self, key: str) -> bool:
+        return key == "error"
+
+    def __getitem__(self, key: str) -> str:
+        if key != "error":
+            raise KeyError(key)
+        return self.error
+
+    def get(self, key: str, default=None):
+        return self.error if key == "error" else default

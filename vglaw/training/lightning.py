@@ -151,6 +151,8 @@ def lightning_main(args: list[str]) -> None:
         if path and path.lower() not in ("null", "none", "last", "best", "hpc", "registry"):
             load_torch_file(path, "checkpoint (--ckpt_path)")
     # From the console LightningCLI reads sys.argv itself; explicit args are for calls from Python.
+    if not explicit:  # from the console LightningCLI reads sys.argv itself: without our option
+        sys.argv[1:] = args
     cli = type("VGLAWCLI", (VGLAWCLI,), {"overwrite": overwrite})
-    cli(VGLAWModule, ReferDataModule, args=args if explicit or overwrite else None, seed_everything_default=0,
+    cli(VGLAWModule, ReferDataModule, args=args if explicit else None, seed_everything_default=0,
         save_config_kwargs={"overwrite": True})

@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     table = ablate(model, dataset, args.batch_size, args.limit)
     md = to_markdown(table)
     print(f"{args.dataset} {args.split}, {len(dataset) if not args.limit else min(args.limit, len(dataset))} "
-          f"sentences, model {getattr(model, 'source', args.model)}\n\n{md}")
+          f"sentences, model {model.source or args.model}\n\n{md}")
     if args.out:
         write_text(Path(args.out), json.dumps(table, indent=2))
     return 0

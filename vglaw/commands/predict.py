@@ -159,7 +159,7 @@ def predict_one(args, grounder, out: Path, figures: list[Path]) -> int:
     if args.explain:
         figures = [str(explain_figure(array, r, figure, grounder.img_size)) for r, figure in zip(results, figures)]
     report = {"image": str(args.image), "height": size[0], "width": size[1], "box_format": "xyxy",
-              "model": str(getattr(grounder.model, "source", "")), "results": [r.to_json() for r in results],
+              "model": str(grounder.model.source or ""), "results": [r.to_json() for r in results],
               "overlay": str(out), **({"explain": figures} if figures else {})}
     if args.json_out:
         with atomic_write(args.json_out, "w") as f:

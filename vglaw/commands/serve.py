@@ -22,7 +22,7 @@ def demo_examples(model, data_root: str | Path, n: int = 3) -> list[list[str]]:
     """Test-split images and expressions of the shapes datasets, when the model was trained on them."""
     from vglaw.models.loading import is_generalised
 
-    variant = getattr(model, "variant", None) or ""
+    variant = model.variant or ""
     root = Path(data_root)
     examples: list[list[str]] = []
     if "scratch" not in variant:

@@ -103,7 +103,7 @@ class Grounder:
                             for k in ("scale", "pad", "orig_size"))
         bad = [k for k, v in outputs.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
-            raise ModelOutputError(f"the model ({getattr(self.model, 'source', 'given')}) produced NaN or infinite "
+            raise ModelOutputError(f"the model ({self.model.source or 'given'}) produced NaN or infinite "
                                    f"{', '.join(sorted(bad))}: its weights are unusable; no result is written")
         pred = to_original(outputs, scale, pad, orig, self.img_size)
         results = []

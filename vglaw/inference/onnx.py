@@ -69,6 +69,8 @@ class OnnxModel:
             from 16 to 41 ms).
     """
 
+    variant = None  # an export keeps its graph, not the name of the variant it was built as
+
     def __init__(self, path: str | Path | bytes, threads: int | None = None, spin: bool = False) -> None:
         import onnxruntime as ort  # the runtime loads only for an .onnx model
 

@@ -106,6 +106,8 @@ class GeneralisedMixin:
         **base_args: the base model's arguments.
     """
 
+    generalised = True
+
     def __init__(self, centre_dim: int = 128, task: str = "both", **base_args) -> None:
         if task != "both":
             raise UsageError(f"generalised models predict boxes and masks together (task 'both'), got {task!r}")

@@ -42,12 +42,22 @@ class ModelFolderMixin(
     tags=["visual-grounding", "referring-expression-comprehension", "referring-expression-segmentation"],
     paper_url="https://openaccess.thecvf.com/content/CVPR2023/html/Su_Language_Adaptive_Weight_Generation_for_Multi-Task_Visual_Grounding_CVPR_2023_paper.html",
 ):
-    """`save_pretrained` / `from_pretrained` for `VGLAW` and its subclasses (module docstring)."""
+    """`save_pretrained` / `from_pretrained` for `VGLAW` and its subclasses (module docstring).
+
+    Where a model came from, typed (None until known): `variant`, the named variant
+    `create_model` built; `init_args`, the arguments a rebuilt model is constructed with (else
+    the ones huggingface_hub recorded at construction); `source`, the folder, hub id or checkpoint
+    it was loaded from.
+    """
+
+    variant: str | None = None
+    init_args: dict[str, Any] | None = None
+    source: str | None = None
 
     def model_config(self) -> dict[str, Any]:
         """The constructor arguments and the variant, as `config.json` stores them."""
-        args = dict(getattr(self, "init_args", None) or self._hub_mixin_config or {})
-        return {"model_class": type(self).__name__, "variant": getattr(self, "variant", None),
+        args = dict(self.init_args or self._hub_mixin_config or {})
+        return {"model_class": type(self).__name__, "variant": self.variant,
                 "text_weights": "package" if self._text_from_package() else TEXT_DIR,
                 "vglaw_version": __version__, **args}
 
@@ -55,7 +65,7 @@ class ModelFolderMixin(
         """True when the text encoder is the packaged MiniLM with its pretrained weights, frozen:
         its weights need no copy. (Built with `text_pretrained=False`, its weights are not the
         package's and are stored.)"""
-        args = getattr(self, "init_args", None) or self._hub_mixin_config or {}
+        args = self.init_args or self._hub_mixin_config or {}
         frozen = not any(p.requires_grad for p in self.text.parameters())
         return (frozen and args.get("text_pretrained", True) is not False
                 and self.text.source == resolve_text_encoder(DEFAULT_TEXT_ENCODER))

@@ -56,6 +56,8 @@ class VGLAW(nn.Module, ModelFolderMixin):
     folders (`vglaw.models.hub`).
     """
 
+    generalised = False  # grounds exactly one object; `GeneralisedMixin` models ground 0..N
+
     def __init__(
         self,
         img_size: int = 448,

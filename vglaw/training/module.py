@@ -184,7 +184,7 @@ class VGLAWModule(pl.LightningModule):
     @property
     def generalised(self) -> bool:
         """The model grounds 0..N objects (gRefCOCO metrics and losses)."""
-        return hasattr(self.model, "centre_head")
+        return self.model.generalised
 
     @property
     def monitor(self) -> str:

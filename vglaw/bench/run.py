@@ -14,14 +14,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import timm
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
+from transformers import BertConfig
 
 import vglaw
 from vglaw.bench.timing import Ratio, timeit
+from vglaw.data.datamodule import Collate
+from vglaw.data.refer import ReferDataset
+from vglaw.data.shapes import generate
+from vglaw.data.transforms import GroundingTransform
+from vglaw.inference.export import export_onnx
+from vglaw.inference.onnx import OnnxModel
 from vglaw.models.vitdet import ViTDet
+from vglaw.training.losses import grounding_loss
 
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's dense bf16 peak for the H100 SXM, used for MFU
 
@@ -29,8 +39,6 @@ H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's dense bf16 peak for the H100 SXM, use
 def bert_base_folder() -> str:
     """A local folder holding BERT-base's config (12 x 768): the paper's text encoder shape,
     built without a download (weights are random, which does not change the cost)."""
-    from transformers import BertConfig
-
     path = Path(tempfile.gettempdir()) / "vglaw-bench-bert-base"
     if not (path / "config.json").is_file():
         BertConfig().save_pretrained(path)
@@ -53,8 +61,6 @@ def inputs(model, batch: int, size: int | None = None, tokens: int = 20, device=
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs (2 per multiply-add) of one call. Call it on a model with requires_grad off: the
     counter's module tracker rejects outputs that are views of trainable parameters."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     # The fused CPU attention kernel is invisible to the counter; the math backend decomposes
     # attention into counted matrix products.
     with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
@@ -114,8 +120,6 @@ def model_costs(name: str, quick: bool) -> dict:
 
 def train_step_time(model: nn.Module, batch: int, repeats: int, device="cpu", dtype=None) -> dict:
     """Forward + backward + AdamW step of the multi-task loss."""
-    from vglaw.training.losses import grounding_loss
-
     model.train()
     opt = torch.optim.AdamW(model.parameters(), 1e-5)
     x = inputs(model, batch, device=device)
@@ -139,8 +143,6 @@ def train_step_time(model: nn.Module, batch: int, repeats: int, device="cpu", dt
 
 def backbone_comparison(size: int, batch: int, repeats: int) -> dict:
     """Language-adaptive vs static ViTDet-B vs timm samvit_base_patch16 (neck removed), same input."""
-    import timm
-
     torch.manual_seed(0)
     ours = ViTDet(img_size=size, drop_path_rate=0.0).eval()
     wg = vglaw.models.language.WeightGenerator(48, 768, 12, 32)
@@ -181,11 +183,6 @@ def scaling(name: str, batches: list[int], sizes: list[int], repeats: int) -> li
 
 def data_throughput(root: str, img_size: int, n: int) -> dict:
     """Decode + augment + collate on the shapes dataset, in this process (= one worker)."""
-    from vglaw.data.datamodule import Collate
-    from vglaw.data.refer import ReferDataset
-    from vglaw.data.shapes import generate
-    from vglaw.data.transforms import GroundingTransform
-
     if not (Path(root) / "shapes" / "instances.json").is_file():
         generate(root, 0, {"train": 200, "val": 20, "test": 20}, progress=False)
     ds = ReferDataset(root, "shapes", "train", transform=GroundingTransform(img_size, train=True))
@@ -200,9 +197,6 @@ def data_throughput(root: str, img_size: int, n: int) -> dict:
 def onnx_comparison(name: str, batches: tuple[int, ...], repeats: int) -> dict:
     """ONNX Runtime vs PyTorch on the CPU, same model and inputs, interleaved: latency at batch 1
     and throughput at the larger batch, with the threads torch uses."""
-    from vglaw.inference.export import export_onnx
-    from vglaw.inference.onnx import OnnxModel
-
     model = build(name).eval()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"

@@ -35,7 +35,7 @@ def ablate(model, dataset, batch_size: int = 32, limit: int | None = None, progr
     """Metrics of every condition in `CONDITIONS` over `dataset` (a `ReferDataset` with an
     evaluation transform); returns {condition: {metric: value}}."""
     source = Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
-    loader = DataLoader(source, batch_size=batch_size, shuffle=False, collate_fn=Collate(model.text.source))
+    loader = DataLoader(source, batch_size=batch_size, shuffle=False, collate_fn=Collate(model.tokenizer_source))
     metrics = {key: GroundingMetrics() for key in CONDITIONS.values()}
     device = next(model.parameters()).device
     for batch in tqdm(loader, desc="ablate", unit="batch", disable=not progress):

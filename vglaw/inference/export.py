@@ -59,7 +59,7 @@ def export_onnx(source: str | Path, out: str | Path, check: bool = True) -> tupl
     if out.suffix != ".onnx":
         raise UsageError(f"--out {out}: an ONNX file name ends in .onnx")
     model = load_model(source).eval()
-    tokenizer = load_tokenizer(model.text.source)
+    tokenizer = load_tokenizer(model.tokenizer_source)
     t = tokenizer(["the red circle", "a much longer expression to ground"], padding=True, return_tensors="pt")
     images = torch.randn(2, 3, model.img_size, model.img_size)
     with torch.no_grad():

@@ -69,7 +69,7 @@ class Grounder:
         self.model = load_model(model, device)
         self.device = getattr(self.model, "device", None) or resolve_device(device)  # an ONNX model says its own
         self.img_size = self.model.img_size
-        self.tokenizer = load_tokenizer(self.model.text.source)
+        self.tokenizer = load_tokenizer(self.model.tokenizer_source)
         self.max_tokens = max_tokens
         self.transform = GroundingTransform(self.img_size)
 

@@ -16,14 +16,6 @@ from vglaw.errors import MissingFileError, UsageError, UserError
 from vglaw.models.hub import INT_RANGES
 from vglaw.models.text_encoder import resolve_text_encoder
 
-
-class _Text:
-    """What `Grounder` reads of a model's text encoder: where its tokenizer comes from."""
-
-    def __init__(self, source: str) -> None:
-        self.source = resolve_text_encoder(source)
-
-
 INPUTS = ("images", "input_ids", "attention_mask")
 
 
@@ -96,18 +88,12 @@ class OnnxModel:
             raise UsageError("\n".join(f"{path}: {p}" for p in problems))
         self.img_size = int(meta["vglaw_img_size"])
         try:
-            self.text = _Text(meta["vglaw_text_encoder"])
+            self.tokenizer_source = resolve_text_encoder(meta["vglaw_text_encoder"])
         except UserError as err:
             raise UsageError(f"{path}: metadata vglaw_text_encoder: {err}") from err
         self.names = json.loads(meta["vglaw_outputs"])
         self.source = str(path)
         self.device = torch.device("cpu")  # ONNX Runtime's CPU provider: inputs go and outputs come back here
-
-    def eval(self) -> OnnxModel:
-        return self
-
-    def to(self, device) -> OnnxModel:
-        return self
 
     def __call__(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
                  return_attention: bool = False) -> dict[str, Tensor]:

@@ -54,6 +54,11 @@ class ModelFolderMixin(
     init_args: dict[str, Any] | None = None
     source: str | None = None
 
+    @property
+    def tokenizer_source(self) -> str:
+        """Where the text encoder's tokenizer comes from (a folder or a hub id)."""
+        return self.text.source
+
     def model_config(self) -> dict[str, Any]:
         """The constructor arguments and the variant, as `config.json` stores them."""
         args = dict(self.init_args or self._hub_mixin_config or {})

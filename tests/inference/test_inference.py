@@ -387,3 +387,12 @@ def test_help_answers_without_loading_torch():
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, (argv, done.stderr[-2000:])
         assert "usage" in done.stdout.lower(), (argv, done.stdout)
+
+
+def test_the_page_offers_shapes_examples_to_a_model_of_the_kind_trained_on_them(shapes_root):
+    from vglaw.commands.serve import demo_examples
+
+    scratch, paper = vglaw.create_model("vglaw_tiny_scratch"), vglaw.create_model("vglaw_tiny")
+    examples = demo_examples(scratch, shapes_root)
+    assert examples and all(Path(image).is_file() and text for image, text in examples)
+    assert demo_examples(paper, shapes_root) == []

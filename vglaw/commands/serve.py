@@ -19,15 +19,15 @@ from vglaw.errors import UsageError, UserError
 
 
 def demo_examples(model, data_root: str | Path, n: int = 3) -> list[list[str]]:
-    """Test-split images and expressions of the shapes datasets, when the model was trained on them."""
-    from vglaw.models.loading import is_generalised
+    """Test-split images and expressions of the shapes datasets, for a model of the kind trained on
+    them (from scratch; generalised or not)."""
+    from vglaw.models.scratch import ScratchVGLAW
 
-    variant = model.variant or ""
     root = Path(data_root)
     examples: list[list[str]] = []
-    if "scratch" not in variant:
+    if not isinstance(model, ScratchVGLAW):
         return examples
-    if is_generalised(variant):
+    if model.generalised:
         path = root / "gshapes" / "grefs(unc).json"
         if path.is_file():
             refs = [r for r in json.loads(path.read_text()) if r["split"] == "test"]

@@ -362,12 +362,12 @@ def test_box_scores_are_calibrated_on_held_out_training_images_never_on_val(gsha
     module = VGLAWModule(variant="vglaw_tiny_scratch_gref", img_size=64)
     fits = []
     monkeypatch.setattr(module, "log", lambda *a, **k: None)
-    monkeypatch.setattr(module, "_calibrate", lambda: fits.append(len(module._calibration)) or
+    monkeypatch.setattr(module, "_calibrate", lambda: fits.append(len(module.calibration_peaks.logits)) or
                         setattr(module, "_calibrating", False))
-    module._stage_splits, module._calibrating, module._calibration = [CALIBRATION, "val"], True, []
+    module._stage_splits, module._calibrating = [CALIBRATION, "val"], True
     module.metrics = nn.ModuleDict({"val": GeneralisedMetrics()})
     module._eval_step(next(iter(dm._loader(CALIBRATION, train=False))), 0)
-    assert len(module._calibration) == 1 and fits == []
+    assert len(module.calibration_peaks.logits) == 1 and fits == []  # one batch's peaks
     module._eval_step(next(iter(dm._loader("val", train=False))), 1)
     module._eval_step(next(iter(dm._loader("val", train=False))), 1)
     assert fits == [1] and len(module.metrics["val"].index) == 2  # fitted once, on the slice's batch only

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 from torchvision.ops import generalized_box_iou
 
 from vglaw.models.generalised import EXIST_THRESHOLD, decode_sets
@@ -80,3 +82,27 @@ def calibration_samples(outputs: dict[str, Tensor], batch: dict, img_size: int) 
     if not logits:
         return torch.zeros(0), torch.zeros(0)
     return torch.cat(logits), torch.cat(labels)
+
+
+class CalibrationPeaks(Metric):
+    """The calibration slice's peaks, (N,) raw centre logits and (N,) labels, from every
+    process: torchmetrics' "cat" reduction gathers the uneven counts under DDP."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:  # one batch's `calibration_samples`
+        self.logits.append(logits.float().to(self.device))
+        self.labels.append(labels.float().to(self.device))
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        def cat(values) -> Tensor:
+            if isinstance(values, Tensor):  # after a gather
+                return values.cpu()
+            return dim_zero_cat(values).cpu() if values else torch.zeros(0)
+
+        return cat(self.logits), cat(self.labels)

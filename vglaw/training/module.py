@@ -20,7 +20,7 @@ from vglaw.models.generalised import EXIST_THRESHOLD
 from vglaw.models.loading import model_from_hparams
 from vglaw.models.postprocess import to_original
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER
-from vglaw.training.calibration import calibration_samples, fit_platt
+from vglaw.training.calibration import CalibrationPeaks, calibration_samples, fit_platt
 from vglaw.training.gmetrics import GeneralisedMetrics, grec_correct
 from vglaw.training.losses import grounding_loss
 from vglaw.training.metrics import GroundingMetrics, measure_predictions
@@ -138,7 +138,7 @@ class VGLAWModule(pl.LightningModule):
             raise UsageError(f"adam_eps must be > 0, got {adam_eps}")
         self.metrics = nn.ModuleDict()
         self._calibrating = False  # collecting box-score calibration peaks (generalised, validation in fit)
-        self._calibration: list[tuple[Tensor, Tensor]] = []
+        self.calibration_peaks = CalibrationPeaks()
 
     def forward(self, batch: dict, return_attention: bool = False) -> dict[str, Tensor]:
         return self.model(batch["images"], batch["input_ids"], batch["attention_mask"], return_attention)
@@ -219,7 +219,7 @@ class VGLAWModule(pl.LightningModule):
         split = self._stage_splits[dataloader_idx]
         if split == CALIBRATION:  # held-out training images: only the box-score calibration reads them
             if self._calibrating:
-                self._calibration.append(calibration_samples(outputs, batch, self.img_size))
+                self.calibration_peaks.update(*calibration_samples(outputs, batch, self.img_size))
             return
         if self._calibrating:  # the slice is done: fit, so validation and the checkpoint use the same scores
             self._calibrate()
@@ -246,7 +246,7 @@ class VGLAWModule(pl.LightningModule):
         # it trains (`vglaw.training.calibration`), not in the sanity check.
         self._calibrating = (self.generalised and CALIBRATION in self._stage_splits
                              and not self.trainer.sanity_checking)
-        self._calibration = []
+        self.calibration_peaks.reset()
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
@@ -260,18 +260,8 @@ class VGLAWModule(pl.LightningModule):
         """Fit the box-score calibration on the calibration slice's peaks (gathered from every
         process), once per validation."""
         self._calibrating = False
-
-        logits = torch.cat([x for x, _ in self._calibration]) if self._calibration else torch.zeros(0)
-        labels = torch.cat([y for _, y in self._calibration]) if self._calibration else torch.zeros(0)
-        self._calibration = []
-        if self.trainer.world_size > 1:  # every process fits the same scaling from all the peaks
-            sizes = self.all_gather(torch.tensor(len(logits), device=self.device)).flatten()
-            pad = int(sizes.max()) - len(logits)
-            both = torch.stack([logits, labels]).to(self.device)
-            both = torch.cat([both, both.new_zeros(2, pad)], dim=1)
-            gathered = self.all_gather(both)  # (world, 2, max)
-            logits = torch.cat([g[0, : int(n)] for g, n in zip(gathered, sizes)]).cpu()
-            labels = torch.cat([g[1, : int(n)] for g, n in zip(gathered, sizes)]).cpu()
+        logits, labels = self.calibration_peaks.compute()  # every process fits the same scaling from all the peaks
+        self.calibration_peaks.reset()
         fit = fit_platt(logits, labels)
         head = self.model.centre_head
         if fit is None:

@@ -5,8 +5,6 @@ import re
 import unicodedata
 import warnings
 
-import torch
-
 from vglaw.errors import UsageError
 
 _SPACE = re.compile(r"\s+")
@@ -47,24 +45,3 @@ def warn_truncated(texts: list[str], lengths: list[int], max_tokens: int, stackl
         if n + 2 > max_tokens:
             warnings.warn(f"expression {text[:60]!r}{'...' if len(text) > 60 else ''} has {n + 2} tokens; truncated "
                           f"to {max_tokens} (the model reads at most {max_tokens})", stacklevel=stacklevel)
-
-
-def tokenize(tokenizer, texts: list[str], max_tokens: int, warn: bool = True,
-             check: bool = True) -> dict[str, torch.Tensor]:
-    """Token ids and attention mask (B, L <= max_tokens), `[CLS]` first.
-
-    Raises:
-        UsageError: an expression with no token the text encoder knows (only unknown symbols).
-    Warns:
-        when an expression is longer than `max_tokens` (special tokens included) and is truncated.
-    """
-    if check or warn:
-        real, lengths = real_token_counts(tokenizer, texts)
-    if check:
-        for text, n in zip(texts, real):
-            if n == 0:
-                raise UsageError(f"expression {text!r} has no word the text encoder knows (only unknown symbols)")
-    if warn:
-        warn_truncated(texts, lengths, max_tokens, stacklevel=3)
-    out = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
-    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}

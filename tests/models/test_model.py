@@ -77,7 +77,7 @@ def test_from_scratch_options_are_checked():
         tiny_scratch(seg_classes=3, task="box", mask_skip=False)
     with pytest.raises(ValueError, match="divisible by 4"):
         ConvStem(patch_size=6, embed_dim=32)
-    with pytest.raises(ValueError, match="stem depth must be >= 0"):
+    with pytest.raises(ValueError, match="stem_depth must be >= 0"):
         tiny_scratch(stem_depth=-1)
     with pytest.raises(ValueError, match="needs freeze_text=True"):
         tiny_scratch(freeze_text=False, text_cache_size=8)
@@ -357,13 +357,13 @@ def test_paper_mask_head_is_the_raw_cls_readout_of_d_l_channels():
     head.double()  # exact identities, checked in float64
     features = torch.randn(2, 3, 4, 16, dtype=torch.float64, requires_grad=True)  # (B, H, W, C)
     text = torch.randn(2, 10, dtype=torch.float64, requires_grad=True)
-    got = head(features, text, (24, 32))
+    got = head(features, text, (24, 32))["mask_logits"]
     want = reference_paper_mask_head(head, features, text, (24, 32))
     assert got.shape == (2, 1, 24, 32)
     assert_same_function([got], [want], [features, text, *head.parameters()])
     # No hidden 1/sqrt(C): doubling the text feature doubles the logit above the bias term.
-    zero = head(features, torch.zeros_like(text), (24, 32))
-    twice = head(features, 2 * text, (24, 32))
+    zero = head(features, torch.zeros_like(text), (24, 32))["mask_logits"]
+    twice = head(features, 2 * text, (24, 32))["mask_logits"]
     torch.testing.assert_close(twice - zero, 2 * (got - zero), atol=1e-10, rtol=1e-10)
 
 
@@ -375,7 +375,8 @@ def test_paper_lap_pools_the_raw_backbone_features():
     features, text = torch.randn(2, 3, 4, 16, dtype=torch.float64) * 5, torch.randn(2, 10, dtype=torch.float64)
     seen = {}
     head.mlp.register_forward_pre_hook(lambda module, args: seen.update(pooled=args[0]))
-    boxes, attn = head(features, text)
+    out = head(features, text)
+    boxes, attn = out["boxes"], out["lap_attention"]
     tokens = features.reshape(2, 12, 16)
     logits = torch.einsum("bnk,bk->bn", head.visual_proj(tokens), head.text_proj(text)) / 8 ** 0.5
     want = torch.einsum("bn,bnc->bc", logits.softmax(-1), tokens)  # Σ A·F_v, nothing normalised
@@ -397,9 +398,10 @@ def test_scratch_mask_head_equals_the_plain_arithmetic(skip_dim, seg_classes):
     features = torch.randn(2, 3, 4, 16, dtype=torch.float64, requires_grad=True)  # (B, H, W, C)
     text = torch.randn(2, 10, dtype=torch.float64)
     skip = torch.randn(2, skip_dim, 12, 16, dtype=torch.float64) if skip_dim else None
-    got = head(features, text, (24, 32), skip)
+    out = head(features, text, (24, 32), skip)
     want = reference_scratch_mask_head(head, features, text, (24, 32), skip)
-    assert (got[1] is None) == (seg_classes == 0)
+    assert ("seg_logits" in out) == (seg_classes > 0)
+    got = (out["mask_logits"], out.get("seg_logits"))
     assert_same_function(got, want, [features, *head.parameters()])
 
 
@@ -416,7 +418,8 @@ def test_mask_heads_run_under_bf16_autocast():
         want = head(features, text, (24, 32), *args)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = head(features, text, (24, 32), *args)
-        want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+        assert want.keys() == got.keys()
+        want, got = list(want.values()), list(got.values())
         for g, w in zip(got, want):
             # bf16 against fp32: a few bf16 roundings (unit 2**-8) of the output's scale; the
             # outputs here err by 1.3-1.6 units, a wrong computation by O(scale).

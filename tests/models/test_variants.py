@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import vglaw
-from vglaw.models.loading import VARIANTS, is_generalised
+from vglaw.errors import UsageError
+from vglaw.models.loading import VARIANTS, is_generalised, variant_config
 
 LARGE = {"vglaw_vitb", "vglaw_vitb_gref"}  # ViT-B + a 6-layer BERT: seconds to build and write (make test-all)
 
@@ -36,9 +37,27 @@ def test_every_variant_answers_and_round_trips_through_its_model_folder(name, to
     model.save_pretrained(tmp_path / name)
     again = type(model).from_pretrained(tmp_path / name)
     assert type(again) is type(model) and again.img_size == size
+    assert again.config == model.config and type(model.config) is type(model).config_class
     assert type(vglaw.VGLAW.from_pretrained(tmp_path / name)) is type(model)  # the base class finds it
     with torch.no_grad():
         back = again(images, t["input_ids"], t["attention_mask"])
     assert back.keys() == out.keys()
     for key in out:
         torch.testing.assert_close(back[key], out[key], rtol=0, atol=0)  # the same weights, the same kernels
+
+
+@pytest.mark.parametrize("name", vglaw.list_models())
+def test_every_variant_is_a_typed_config_its_class_owns(name):
+    """The variant's config is of its class's config type, names the variant, goes to JSON
+    values and back unchanged, and refuses a field its class does not have, by name."""
+    cls = VARIANTS[name][0]
+    config = variant_config(name)
+    assert type(config) is cls.config_class and config.variant == name
+    assert type(config).from_dict(config.to_dict()) == config
+    with pytest.raises(UsageError, match="no argument colour"):
+        variant_config(name, colour="red")
+    with pytest.raises(UsageError, match="no field colour"):
+        config.replace(colour="red")
+    other = next(c for c in (VARIANTS[n][0].config_class for n in VARIANTS) if c is not cls.config_class)
+    with pytest.raises(UsageError, match=f"built from a {cls.config_class.__name__}"):
+        cls(other())

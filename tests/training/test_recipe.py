@@ -8,6 +8,7 @@ import torch
 
 import vglaw
 from vglaw.cli import main
+from vglaw.models.config import ModelArgs
 from vglaw.training.module import VGLAWModule, no_weight_decay_names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,3 +111,18 @@ def test_resuming_into_the_same_logger_version_keeps_the_metrics_already_written
     rows = list(csv.DictReader(open(log / "metrics.csv")))
     assert rows[: len(first)] == [{**r, **{k: "" for k in rows[0].keys() - r.keys()}} for r in first]
     assert {r["epoch"] for r in rows if r.get("val/prec@0.5")} == {"0", "1"}  # both epochs' validation kept
+
+
+def test_model_args_are_checked_field_by_field_when_the_command_line_is_parsed(tmp_path, capsys):
+    """`model.model_args` is a typed `ModelArgs`: an unknown field or a wrong type stops the run
+    at parsing, naming it, before any data or model is touched."""
+    config = str(REPO / "configs" / "shapes.yaml")
+    for bad, needle in (("--model.model_args.colour=1", "colour"), ("--model.model_args.text_cache_size=abc", "abc")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", config, f"--data.data_root={tmp_path / 'none'}", bad, "--print_config"])
+        assert exit_.value.code == 2 and needle in capsys.readouterr().err
+    # A checkpoint holds plain data: the fields set, as a dict.
+    module = VGLAWModule(variant="vglaw_tiny_scratch", img_size=64,
+                         model_args=ModelArgs(text_cache_size=7, stem_depth=2))
+    assert module.hparams.model_args == {"text_cache_size": 7, "stem_depth": 2}
+    assert module.model.config.text_cache_size == 7 and module.model.config.stem_depth == 2

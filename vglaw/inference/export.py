@@ -86,7 +86,7 @@ def export_onnx(source: str | Path, out: str | Path, check: bool = True) -> tupl
     import onnx  # the exporter's graph library: only when exporting
 
     graph = onnx.load_from_string(buffer.getvalue())
-    text = (model.init_args or {}).get("text_encoder") or model.text.source
+    text = model.config.text_encoder
     meta = {"vglaw_img_size": str(model.img_size), "vglaw_text_encoder": str(text),
             "vglaw_outputs": json.dumps(names), "vglaw_source": str(source)}
     for k, v in meta.items():

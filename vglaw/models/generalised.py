@@ -23,12 +23,13 @@ Layouts as in `vglaw.models.vglaw`; the centre map is (B, 2h, 2w) for an (h, w) 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vglaw.errors import UsageError
+from vglaw.models.config import GeneralisedConfig, GeneralisedScratchConfig
 from vglaw.models.heads import conv_transpose_2x2
 from vglaw.models.scratch import ScratchVGLAW
 from vglaw.models.vglaw import VGLAW
@@ -57,12 +58,13 @@ class CentreBoxHead(nn.Module):
         # so the peaks are the centre map's).
         self.register_buffer("score_calibration", torch.tensor([1.0, 0.0]))
 
-    def forward(self, features: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, h, w, C), (B, d_l) -> centre logits (B, 2h, 2w) and box parameters (B, 2h, 2w, 4)."""
+    def forward(self, features: Tensor, text: Tensor) -> dict[str, Tensor]:
+        """(B, h, w, C), (B, d_l) -> "centre_logits" (B, 2h, 2w), "score_logits" (B, 2h, 2w)
+        (calibrated box scores) and "box_params" (B, 2h, 2w, 4)."""
         y = F.gelu(self.norm(conv_transpose_2x2(features, self.up)))  # (B, 2h, 2w, hidden)
         query = self.text_proj(text) / math.sqrt(y.shape[-1])  # (B, hidden)
         centre = torch.einsum("bhwc,bc->bhw", y, query) + self.centre_bias  # (B, 2h, 2w)
-        return centre, self.box(y)
+        return {"centre_logits": centre, "box_params": self.box(y), "score_logits": self.score_logits(centre)}
 
     def score_logits(self, centre: Tensor) -> Tensor:
         """Centre logits (B, 2h, 2w) -> calibrated box-score logits (B, 2h, 2w)."""
@@ -88,52 +90,51 @@ class ExistenceHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(visual_dim + text_dim, hidden_dim), nn.ReLU(inplace=True),
                                  nn.Linear(hidden_dim, 1))
 
-    def forward(self, features: Tensor, text: Tensor) -> Tensor:
-        """(B, h, w, C), (B, d_l) -> existence logits (B,)."""
+    def forward(self, features: Tensor, text: Tensor) -> dict[str, Tensor]:
+        """(B, h, w, C), (B, d_l) -> "exist_logits" (B,)."""
         B, H, W, C = features.shape
         tokens = self.norm(features.reshape(B, H * W, C))  # (B, HW, C)
         logits = torch.einsum("bnk,bk->bn", self.visual_proj(tokens), self.text_proj(text))  # (B, HW)
         pooled = torch.einsum("bn,bnc->bc", (logits / math.sqrt(self.visual_proj.out_features)).softmax(-1), tokens)
-        return self.mlp(torch.cat([pooled, text], dim=-1)).squeeze(-1)
+        return {"exist_logits": self.mlp(torch.cat([pooled, text], dim=-1)).squeeze(-1)}
 
 
 class GeneralisedMixin:
-    """Adds `CentreBoxHead` and `ExistenceHead` to a VG-LAW model whose own heads are the union
-    mask only (task "both" means boxes from the centre head and the mask).
+    """Adds `CentreBoxHead` and `ExistenceHead` to a VG-LAW model built without its own box head
+    (its config's `box_task` is False): task "both" means boxes from the centre head and the
+    base model's union mask.
 
     Args:
-        centre_dim: channels of the centre head's stride-p/2 map.
-        **base_args: the base model's arguments.
+        config: a `GeneralisedConfig` or `GeneralisedScratchConfig` (or its fields).
     """
 
     generalised = True
 
-    def __init__(self, centre_dim: int = 128, task: str = "both", **base_args) -> None:
-        if task != "both":
-            raise UsageError(f"generalised models predict boxes and masks together (task 'both'), got {task!r}")
-        super().__init__(task="mask", **base_args)
-        self.task = "both"
-        C, d_l = self.backbone.embed_dim, self.text.dim
-        self.centre_head = CentreBoxHead(C, d_l, centre_dim)
+    def __init__(self, config: GeneralisedConfig | None = None, **fields: Any) -> None:
+        super().__init__(config, **fields)
+        C, d_l = self.config.embed_dim, self.text.dim
+        self.centre_head = CentreBoxHead(C, d_l, self.config.centre_dim)
         self.exist_head = ExistenceHead(C, d_l)
 
     def forward_heads(self, features: Tensor, sentence: Tensor, out_size: tuple[int, int],
-                      **extra) -> dict[str, Tensor]:
-        """The union mask, plus "centre_logits" (B, 2h, 2w), "score_logits" (B, 2h, 2w) (calibrated
-        box scores), "box_params" (B, 2h, 2w, 4) and "exist_logits" (B,)."""
-        out = super().forward_heads(features, sentence, out_size, **extra)
-        out["centre_logits"], out["box_params"] = self.centre_head(features, sentence)
-        out["score_logits"] = self.centre_head.score_logits(out["centre_logits"])
-        out["exist_logits"] = self.exist_head(features, sentence)
+                      **maps: Tensor) -> dict[str, Tensor]:
+        """The union mask, plus the centre head's and the existence head's outputs."""
+        out = super().forward_heads(features, sentence, out_size, **maps)
+        out.update(self.centre_head(features, sentence))
+        out.update(self.exist_head(features, sentence))
         return out
 
 
 class GeneralisedVGLAW(GeneralisedMixin, VGLAW):
     """The paper's VG-LAW with generalised heads (`GeneralisedMixin`), for gRefCOCO."""
 
+    config_class = GeneralisedConfig
+
 
 class GeneralisedScratchVGLAW(GeneralisedMixin, ScratchVGLAW):
     """The from-scratch VG-LAW with generalised heads (`GeneralisedMixin`), for the gshapes demo."""
+
+    config_class = GeneralisedScratchConfig
 
 
 def decode_boxes(box_params: Tensor) -> Tensor:

@@ -39,8 +39,8 @@ class LAPBoxHead(nn.Module):
             nn.Linear(hidden_dim, 4),
         )
 
-    def forward(self, features: Tensor, text_cls: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, H, W, C) features and (B, d_l) text -> boxes (B, 4) and attention A (B, H, W)."""
+    def forward(self, features: Tensor, text_cls: Tensor) -> dict[str, Tensor]:
+        """(B, H, W, C) features and (B, d_l) text -> "boxes" (B, 4) and "lap_attention", A (B, H, W)."""
         B, H, W, C = features.shape
         tokens = features.reshape(B, H * W, C)  # (B, HW, C)
         keys = self.visual_proj(tokens)  # (B, HW, k)
@@ -48,7 +48,7 @@ class LAPBoxHead(nn.Module):
         logits = torch.einsum("bnk,bk->bn", keys, query) / math.sqrt(keys.shape[-1])  # (B, HW)
         attn = logits.softmax(dim=-1)
         pooled = torch.einsum("bn,bnc->bc", attn, tokens)  # (B, C)
-        return self.mlp(pooled).sigmoid(), attn.view(B, H, W)
+        return {"boxes": self.mlp(pooled).sigmoid(), "lap_attention": attn.view(B, H, W)}
 
 
 def conv_transpose_2x2(x: Tensor, conv: nn.ConvTranspose2d) -> Tensor:
@@ -117,8 +117,8 @@ class MaskHead(nn.Module):
         self.norm = nn.LayerNorm(hidden_dim, eps=1e-6)
         self.up2 = nn.ConvTranspose2d(hidden_dim, text_dim, kernel_size=2, stride=2)
 
-    def forward(self, features: Tensor, text_cls: Tensor, out_size: tuple[int, int]) -> Tensor:
-        """(B, H, W, C) features and (B, d_l) `[CLS]` -> mask logits (B, 1, *out_size)."""
+    def forward(self, features: Tensor, text_cls: Tensor, out_size: tuple[int, int]) -> dict[str, Tensor]:
+        """(B, H, W, C) features and (B, d_l) `[CLS]` -> "mask_logits" (B, 1, *out_size)."""
         y = F.gelu(self.norm(conv_transpose_2x2(features, self.up1)))  # (B, 2H, 2W, hidden)
         logits = conv_transpose_2x2_readout(y, self.up2, text_cls.unsqueeze(-1))  # (B, 1, 4H, 4W)
-        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=True)  # (B, 1, *out_size)
+        return {"mask_logits": F.interpolate(logits, size=out_size, mode="bilinear", align_corners=True)}

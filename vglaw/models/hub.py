@@ -28,12 +28,13 @@ from vglaw import __version__
 from vglaw.errors import MissingFileError, UnsafeFileError, UsageError
 from vglaw.io.atomic import atomic_write
 from vglaw.models.checkpoint import state_dict_problems
+from vglaw.models.config import VGLAWConfig
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, load_tokenizer, resolve_text_encoder
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 TEXT_DIR = "text_encoder"
-META = ("model_class", "variant", "text_weights", "vglaw_version")
+META = ("model_class", "text_weights", "vglaw_version")  # config.json's keys that are not config fields
 
 
 class ModelFolderMixin(
@@ -44,14 +45,11 @@ class ModelFolderMixin(
 ):
     """`save_pretrained` / `from_pretrained` for `VGLAW` and its subclasses (module docstring).
 
-    Where a model came from, typed (None until known): `variant`, the named variant
-    `create_model` built; `init_args`, the arguments a rebuilt model is constructed with (else
-    the ones huggingface_hub recorded at construction); `source`, the folder, hub id or checkpoint
-    it was loaded from.
+    The model's `config` (a `VGLAWConfig`) is what `config.json` stores; `source` is the
+    folder, hub id or checkpoint a loaded model came from (None for one built in this process).
     """
 
-    variant: str | None = None
-    init_args: dict[str, Any] | None = None
+    config: VGLAWConfig
     source: str | None = None
 
     @property
@@ -60,20 +58,41 @@ class ModelFolderMixin(
         return self.text.source
 
     def model_config(self) -> dict[str, Any]:
-        """The constructor arguments and the variant, as `config.json` stores them."""
-        args = dict(self.init_args or self._hub_mixin_config or {})
-        return {"model_class": type(self).__name__, "variant": self.variant,
+        """`config.json`: the model class, where the text weights are, and the config's fields."""
+        return {"model_class": type(self).__name__,
                 "text_weights": "package" if self._text_from_package() else TEXT_DIR,
-                "vglaw_version": __version__, **args}
+                "vglaw_version": __version__, **self.config.to_dict()}
 
     def _text_from_package(self) -> bool:
         """True when the text encoder is the packaged MiniLM with its pretrained weights, frozen:
         its weights need no copy. (Built with `text_pretrained=False`, its weights are not the
         package's and are stored.)"""
-        args = self.init_args or self._hub_mixin_config or {}
         frozen = not any(p.requires_grad for p in self.text.parameters())
-        return (frozen and args.get("text_pretrained", True) is not False
+        return (frozen and self.config.text_pretrained
                 and self.text.source == resolve_text_encoder(DEFAULT_TEXT_ENCODER))
+
+    @classmethod
+    def with_weights(cls, config: VGLAWConfig, state: dict[str, torch.Tensor], source: str | Path,
+                     built_as: dict[str, Any] | None = None, optional: re.Pattern | None = None,
+                     error: type[Exception] = UsageError, context: str = ""):
+        """The model `config` describes, with `state` loaded strictly, in eval mode.
+
+        Args:
+            config: what the model is (kept as `model.config`).
+            state: its weights.
+            source: where they came from (`model.source`).
+            built_as: fields that differ only while building: where the text encoder's files
+                are, and `text_pretrained=False` when `state` holds the text weights anyway.
+            optional: names `state` may lack (the model keeps its built values for them).
+            error, context: the exception raised, and the words before the list of mismatches.
+        """
+        model = cls(config.replace(**built_as) if built_as else config)
+        problems = state_dict_problems(state, model.state_dict(), optional, limit=12)
+        if problems:
+            raise error(f"{context or source}:\n  " + "\n  ".join(problems))
+        model.load_state_dict(state, strict=optional is None)
+        model.config, model.source = config, str(source)
+        return model.eval()
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> str | None:
         kwargs.setdefault("config", self.model_config())
@@ -239,15 +258,16 @@ def load_model_folder(folder: str | Path, map_location: str | torch.device = "cp
         raise UsageError(f"{folder / CONFIG}: unknown model_class {name!r}; {base_name} loads "
                          f"{', '.join(sorted(known))}")
     cls = known[name]
-    args = {k: v for k, v in config.items() if k not in META}
+    try:
+        model_config = cls.config_class.from_dict({k: v for k, v in config.items() if k not in META})
+    except (UsageError, TypeError) as err:
+        raise UsageError(f"{folder / CONFIG} does not fit this vglaw's {name}: {err}") from err
     text_weights = config.get("text_weights", TEXT_DIR)
+    built_as = {}
     if text_weights == TEXT_DIR:
         if not (folder / TEXT_DIR / "config.json").is_file():
             raise MissingFileError(f"{folder}: {TEXT_DIR}/config.json is missing (the text encoder's config)")
-        text_name = args.get("text_encoder")
-        args.update(text_encoder=str(folder / TEXT_DIR), text_pretrained=False)
-    else:
-        text_name = None
+        built_as = {"text_encoder": str(folder / TEXT_DIR), "text_pretrained": False}
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise MissingFileError(f"{folder}: {WEIGHTS} is missing")
@@ -258,16 +278,7 @@ def load_model_folder(folder: str | Path, map_location: str | torch.device = "cp
     bad = weight_problems(state)
     if bad:
         raise UsageError(f"{weights}: " + "; ".join(bad[:6]) + (f"; and {len(bad) - 6} more" if len(bad) > 6 else ""))
-    try:
-        model = cls(**args)
-    except TypeError as err:
-        raise UsageError(f"{folder / CONFIG} does not fit this vglaw's {name}: {err}") from err
-    allowed = re.compile(r"text\..*") if text_weights == "package" else None
-    problems = state_dict_problems(state, model.state_dict(), allowed, limit=12)
-    if problems:
-        raise UsageError(f"{weights} does not fit {folder / CONFIG}:\n  " + "\n  ".join(problems))
-    model.load_state_dict(state, strict=False)
-    model.variant = config.get("variant")
-    model.init_args = {**args, **({"text_encoder": text_name, "text_pretrained": True} if text_name else {})}
-    model.source = str(folder)
-    return model.eval().to(map_location)
+    optional = re.compile(r"text\..*") if text_weights == "package" else None
+    model = cls.with_weights(model_config, state, folder, built_as, optional,
+                             context=f"{weights} does not fit {folder / CONFIG}")
+    return model.to(map_location)

@@ -3,7 +3,6 @@ classes sit above `PreTrainedModel`): the named variants and `create_model`, the
 folder's "model_class" names, and a Lightning training checkpoint rebuilt as its model."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,8 @@ from vglaw.errors import MissingFileError, UsageError
 from vglaw.io.atomic import atomic_dir
 from vglaw.io.recent import remember_model
 from vglaw.io.safe_pickle import load_torch_file
-from vglaw.models.checkpoint import load_visual_weights, state_dict_problems
+from vglaw.models.checkpoint import load_visual_weights
+from vglaw.models.config import ModelArgs, VGLAWConfig
 from vglaw.models.generalised import GeneralisedScratchVGLAW, GeneralisedVGLAW
 from vglaw.models.scratch import ScratchVGLAW
 from vglaw.models.vglaw import VGLAW
@@ -49,30 +49,26 @@ MODEL_CLASSES: dict[str, type[VGLAW]] = {
 
 def is_generalised(name: str) -> bool:
     """A variant that grounds 0..N objects (gRefCOCO)."""
-    return name in VARIANTS and issubclass(VARIANTS[name][0], (GeneralisedVGLAW, GeneralisedScratchVGLAW))
+    return name in VARIANTS and VARIANTS[name][0].generalised
 
 
 def list_models() -> list[str]:
     return sorted(VARIANTS)
 
 
-def variant_args(name: str, **overrides: Any) -> tuple[type[VGLAW], dict[str, Any]]:
-    """The class and full constructor arguments of a named variant with `overrides` applied.
+def variant_config(name: str, **overrides: Any) -> VGLAWConfig:
+    """The config of a named variant with `overrides` applied.
 
     Raises:
-        KeyError: unknown name.
-        TypeError: an override the variant's class does not take, named.
+        UsageError: an unknown name, or a field the variant's config does not have, named.
     """
     if name not in VARIANTS:
         raise UsageError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     cls, args = VARIANTS[name]
-    args = {**args, **overrides}
-    accepted = {p for c in cls.__mro__ if "__init__" in vars(c) and c.__module__.startswith("vglaw.")
-                for p in inspect.signature(c.__init__).parameters}
-    unknown = sorted(set(args) - accepted)
+    unknown = sorted(set(overrides) - cls.config_class.field_names())
     if unknown:
         raise UsageError(f"model {name!r} ({cls.__name__}) takes no argument {', '.join(unknown)}")
-    return cls, args
+    return cls.config_class.from_dict({**args, **overrides, "variant": name})
 
 
 def create_model(name: str = "vglaw_vitb", visual_weights: str | None = None, **overrides: Any) -> VGLAW:
@@ -81,11 +77,10 @@ def create_model(name: str = "vglaw_vitb", visual_weights: str | None = None, **
     Args:
         name: one of `list_models()`.
         visual_weights: detectron2 ViTDet `.pkl`, MAE `.pth` or timm SAM-ViT `.pth`/`.safetensors`.
-        **overrides: constructor arguments of the variant's class (e.g. `text_encoder=...`, `task="box"`).
+        **overrides: fields of the variant's config (e.g. `text_encoder=...`, `task="box"`).
     """
-    cls, args = variant_args(name, **overrides)
-    model = cls(**args)
-    model.variant, model.init_args = name, args
+    config = variant_config(name, **overrides)
+    model = VARIANTS[name][0](config)
     if visual_weights is not None:
         load_visual_weights(model.backbone, visual_weights)
     return model
@@ -94,13 +89,22 @@ def create_model(name: str = "vglaw_vitb", visual_weights: str | None = None, **
 TRAINING_MODEL_ARGS = ("variant", "img_size", "text_encoder", "task")  # hyper-parameters every run records
 
 
-def model_from_hparams(hp: dict[str, Any], text_pretrained: bool = True) -> VGLAW:
-    """The model of a training run (`VGLAWModule`'s hyper-parameters: variant, img_size,
+def config_from_hparams(hp: dict[str, Any]) -> VGLAWConfig:
+    """The model config of a training run (`VGLAWModule`'s hyper-parameters: variant, img_size,
     text_encoder, task, model_args, seg_classes): the one mapping shared by training and by
     loading its checkpoints."""
     extra = {"seg_classes": hp["seg_classes"]} if hp.get("seg_classes") else {}
-    return create_model(hp["variant"], img_size=hp["img_size"], text_encoder=hp["text_encoder"], task=hp["task"],
-                        text_pretrained=text_pretrained, **(hp.get("model_args") or {}), **extra)
+    return variant_config(hp["variant"], img_size=hp["img_size"], text_encoder=hp["text_encoder"], task=hp["task"],
+                          **model_args_dict(hp.get("model_args")), **extra)
+
+
+def model_args_dict(model_args: ModelArgs | dict[str, Any] | None) -> dict[str, Any]:
+    """A run's `model_args` as the config fields it sets: those not None of a `ModelArgs`, or
+    of the mapping LightningCLI and older checkpoints give in its place."""
+    if model_args is None:
+        return {}
+    values = model_args.given() if isinstance(model_args, ModelArgs) else dict(model_args)
+    return {k: v for k, v in values.items() if v is not None}
 
 
 class CheckpointError(UsageError):
@@ -118,24 +122,19 @@ def model_from_checkpoint(path: str | Path):
     if missing:
         raise CheckpointError(f"{path}: hyper_parameters lack {', '.join(missing)} (not written by `vglaw fit`)")
     try:
-        model = model_from_hparams(hp, text_pretrained=False)
-    except KeyError as err:
-        raise CheckpointError(f"{path}: {err.args[0]}") from err
-    except TypeError as err:
+        config = config_from_hparams(hp)
+    except (UsageError, TypeError) as err:
         raise CheckpointError(f"{path} was saved by another configuration of vglaw: {err}") from err
+    weights = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    cls = VARIANTS[hp["variant"]][0]
+    try:
+        # The checkpoint holds the text weights: build without fetching the pretrained ones.
+        return cls.with_weights(config, weights, path, built_as={"text_pretrained": False}, error=CheckpointError,
+                                context=f"{path} does not match its own configuration ({hp['variant']})")
     except OSError as err:  # transformers cannot find the text encoder's config
         raise MissingFileError(f"{path} needs the text encoder {hp['text_encoder']!r}, which is not available "
                                f"here ({str(err).splitlines()[0][:120]}); make a model folder with `vglaw export` "
                                "where it is, or put it in the Hugging Face cache") from err
-    model.init_args["text_pretrained"] = True  # what a re-built model should do
-    weights = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    problems = state_dict_problems(weights, model.state_dict(), limit=12)
-    if problems:
-        raise CheckpointError(f"{path} does not match its own configuration ({hp['variant']}):\n  " +
-                              "\n  ".join(problems))
-    model.load_state_dict(weights)
-    model.source = str(path)
-    return model.eval()
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:

@@ -11,26 +11,27 @@ them, a few departures measurably help (see docs/shapes_experiments.md for the t
   and an auxiliary per-pixel category classifier;
 - the heads read the mean of the token features instead of `[CLS]`.
 
-`ScratchVGLAW` builds the paper's `VGLAW` and swaps these parts in; the paper's classes carry
-none of them. Layouts as in `vglaw.models.vglaw`.
+`ScratchVGLAW` passes these parts to the paper's `VGLAW` (its `text_layer=`, `embed_layer=`,
+`box_head_layer=`, `mask_head_layer=`); the paper's classes carry none of them. Layouts as in `vglaw.models.vglaw`.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vglaw.errors import UsageError
+from vglaw.models.config import ScratchConfig
 from vglaw.models.heads import LAPBoxHead, conv_transpose_2x2, conv_transpose_2x2_readout
 from vglaw.models.text_encoder import TextEncoder
 from vglaw.models.vglaw import VGLAW
 from vglaw.models.vitdet import LowRank
-
-SENTENCE_FEATURES = ("cls", "mean")
 
 
 class ConvStem(nn.Module):
@@ -145,7 +146,7 @@ class NormedLAPBoxHead(LAPBoxHead):
         super().__init__(visual_dim, text_dim, attn_dim, hidden_dim)
         self.norm = nn.LayerNorm(visual_dim, eps=1e-6)
 
-    def forward(self, features: Tensor, text_cls: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Tensor, text_cls: Tensor) -> dict[str, Tensor]:
         return super().forward(self.norm(features), text_cls)
 
 
@@ -175,9 +176,9 @@ class ScratchMaskHead(nn.Module):
         self.seg = nn.Linear(visual_dim, seg_classes) if seg_classes else None
 
     def forward(self, features: Tensor, text: Tensor, out_size: tuple[int, int],
-                skip: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """(B, H, W, C) features, (B, d_l) text [, (B, skip_dim, 4H, 4W) map] -> mask logits
-        (B, 1, *out_size) and, with `seg_classes`, category logits (B, seg_classes, *out_size).
+                skip: Tensor | None = None) -> dict[str, Tensor]:
+        """(B, H, W, C) features, (B, d_l) text [, (B, skip_dim, 4H, 4W) map] -> "mask_logits"
+        (B, 1, *out_size) and, with `seg_classes`, "seg_logits" (B, seg_classes, *out_size).
 
         The stride-4 features x = up2(y) [+ skip(map)] are read through O = 1 + seg_classes
         vectors, folded into up2's and skip's weights per sample (`conv_transpose_2x2_readout`).
@@ -202,53 +203,37 @@ class ScratchMaskHead(nn.Module):
         # Category logits at full resolution too: at stride 4 they cost 5% less time but gave
         # coarser masks (val mask Prec@0.9 0.35 vs 0.39 after 4884 steps, make demo).
         up = lambda t: F.interpolate(t, size=out_size, mode="bilinear", align_corners=False)  # (B, ·, *out_size)
-        return up(out[:, :1]), (up(out[:, 1:]) if self.seg is not None else None)
+        return {"mask_logits": up(out[:, :1]), **({"seg_logits": up(out[:, 1:])} if self.seg is not None else {})}
 
 
 class ScratchVGLAW(VGLAW):
-    """VG-LAW with the parts that help a backbone trained from scratch (module docstring).
+    """VG-LAW with the parts that help a backbone trained from scratch (module docstring),
+    passed in to the paper's `VGLAW`.
 
     Args:
-        stem_depth: stride-1 convolutions of the `ConvStem` at stride 4.
-        mask_skip: add the stem's stride-4 map inside the mask head.
-        seg_classes: categories (background included) of the mask head's auxiliary per-pixel
-            classifier (outputs "seg_logits"); 0 for none. Linked to the data by the CLI.
-        sentence: the feature the heads read: "mean" of the real tokens (what sentence models
-            such as MiniLM are trained to separate) or "cls".
-        freeze_text: keep the text encoder fixed (`FrozenTextEncoder`).
-        text_cache_size: with `freeze_text`, remember this many expressions' features.
-        **paper_args: the `VGLAW` arguments.
+        config: a `ScratchConfig` (or its fields as keyword arguments).
     """
 
-    def __init__(self, stem_depth: int = 3, mask_skip: bool = True, seg_classes: int = 0, sentence: str = "mean",
-                 freeze_text: bool = True, text_cache_size: int = 0, **paper_args) -> None:
-        super().__init__(**paper_args)
-        if sentence not in SENTENCE_FEATURES:
-            raise UsageError(f"sentence must be one of {SENTENCE_FEATURES}, got {sentence!r}")
-        if mask_skip and self.mask_head is None:
-            raise UsageError("mask_skip needs a mask task")
-        if seg_classes < 0 or seg_classes == 1 or (seg_classes and self.mask_head is None):
-            raise UsageError(f"seg_classes must be 0 or >= 2 (background + categories) and needs a mask task, "
-                             f"got {seg_classes} with task {self.task!r}")
-        if text_cache_size and not freeze_text:
-            raise UsageError("text_cache_size needs freeze_text=True: a trained encoder's features change every step")
-        self.sentence = sentence
-        self.mask_skip = mask_skip
-        backbone = self.backbone
-        C, d_l = backbone.embed_dim, self.text.dim
-        backbone.patch_embed = ConvStem(backbone.patch_size, 3, C, stem_depth)
-        if freeze_text:
-            self.text = FrozenTextEncoder(self.text, text_cache_size)
-        if self.box_head is not None:
-            k = self.box_head.visual_proj.out_features
-            self.box_head = NormedLAPBoxHead(C, d_l, k)
-        if self.mask_head is not None:
-            hidden = self.mask_head.up1.out_channels
-            skip_dim = backbone.patch_embed.out_dim if mask_skip else 0
-            self.mask_head = ScratchMaskHead(C, d_l, hidden, skip_dim, seg_classes)
+    config_class = ScratchConfig
+
+    def __init__(self, config: ScratchConfig | None = None, **fields: Any) -> None:
+        config = self.make_config(config, fields)
+        skip_dim = config.embed_dim // 4 if config.mask_skip else 0  # the stem's stride-4 channels
+
+        def text_layer(name_or_path: str, num_layers: int | None, pretrained: bool) -> nn.Module:
+            encoder = TextEncoder(name_or_path, num_layers, pretrained)
+            return FrozenTextEncoder(encoder, config.text_cache_size) if config.freeze_text else encoder
+
+        super().__init__(
+            config,
+            text_layer=text_layer,
+            embed_layer=partial(ConvStem, depth=config.stem_depth),
+            box_head_layer=NormedLAPBoxHead,
+            mask_head_layer=partial(ScratchMaskHead, skip_dim=skip_dim, seg_classes=config.seg_classes),
+        )
 
     def sentence_feature(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
-        if self.sentence == "cls":
+        if self.config.sentence == "cls":
             return tokens[:, 0]
         real = attention_mask.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
         return (tokens * real).sum(1) / real.sum(1).clamp(min=1)  # (B, d_l)
@@ -257,15 +242,5 @@ class ScratchVGLAW(VGLAW):
         stem = self.backbone.patch_embed
         s4 = stem.stride4(images)  # (B, C/4, H/4, W/4)
         features = self.backbone.forward_blocks(stem.embed(s4), qkv)  # (B, h, w, C)
-        return self.forward_heads(features, sentence, images.shape[-2:], skip=s4 if self.mask_skip else None)
-
-    def forward_heads(self, features: Tensor, sentence: Tensor, out_size: tuple[int, int],
-                      skip: Tensor | None = None) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        if self.box_head is not None:
-            out["boxes"], out["lap_attention"] = self.box_head(features, sentence)
-        if self.mask_head is not None:
-            out["mask_logits"], seg = self.mask_head(features, sentence, out_size, skip)
-            if seg is not None:
-                out["seg_logits"] = seg
-        return out
+        maps = {"skip": s4} if self.config.mask_skip else {}
+        return self.forward_heads(features, sentence, images.shape[-2:], **maps)

@@ -6,19 +6,18 @@ The model returns a dict of tensors and computes no loss.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
 from vglaw.errors import UsageError
+from vglaw.models.config import VGLAWConfig
 from vglaw.models.heads import LAPBoxHead, MaskHead
 from vglaw.models.hub import ModelFolderMixin
 from vglaw.models.language import LanguageAggregator, WeightGenerator
-from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder
-from vglaw.models.vitdet import LowRank, ViTDet
-
-TASKS = ("both", "box", "mask")
+from vglaw.models.text_encoder import TextEncoder
+from vglaw.models.vitdet import LowRank, PatchEmbed, ViTDet
 
 
 class LanguageWeights(NamedTuple):
@@ -34,70 +33,75 @@ class VGLAW(nn.Module, ModelFolderMixin):
     """Single-stage multi-task visual grounding with language-adaptive weights (Su et al., 2023).
 
     Args:
-        img_size: square input side the position tables are sized for.
-        patch_size: ViT patch side (output stride).
-        embed_dim: visual width C.
-        depth: visual blocks.
-        num_heads: attention heads.
-        window_size: window side of the window-attention blocks.
-        window_block_indexes: blocks using window attention; the others are global.
-        drop_path_rate: stochastic depth of the backbone.
-        text_encoder: Hugging Face BERT name or local folder, or "minilm" (packaged, offline).
-        text_layers: keep the first n text layers (paper: 6); None keeps all.
-        text_pretrained: load the text encoder's pretrained weights.
-        groups: G, groups of the language aggregation.
-        reduction: r, d_l -> d_l / r before weight generation.
-        rank: d_w of the matrix factorisation.
-        lap_dim: k, the attention width of the box head's language-adaptive pooling.
-        mask_dim: channels between the mask head's two transposed convolutions (paper: 256).
-        task: "both" (REC and RES), "box" (REC only) or "mask" (RES only).
+        config: the architecture (`VGLAWConfig`, the paper's at its defaults); or give its
+            fields as keyword arguments instead (`VGLAW(img_size=64, ...)`).
+        text_layer, embed_layer, box_head_layer, mask_head_layer: the parts, as timm's
+            `embed_layer=`: callables with the signatures of the paper's `TextEncoder`,
+            `PatchEmbed`, `LAPBoxHead` and `MaskHead` (the defaults), so an extension passes
+            its own parts in (`vglaw.models.scratch`) instead of replacing built ones.
 
-    `save_pretrained(dir)` / `VGLAW.from_pretrained(dir_or_hub_id)` write and read model
-    folders (`vglaw.models.hub`).
+    The model owns its configuration (`model.config`); `save_pretrained(dir)` /
+    `VGLAW.from_pretrained(dir_or_hub_id)` write and read model folders (`vglaw.models.hub`).
     """
 
+    config_class: type[VGLAWConfig] = VGLAWConfig
     generalised = False  # grounds exactly one object; `GeneralisedMixin` models ground 0..N
 
     def __init__(
         self,
-        img_size: int = 448,
-        patch_size: int = 16,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        window_size: int = 14,
-        window_block_indexes: Sequence[int] = (0, 1, 3, 4, 6, 7, 9, 10),
-        drop_path_rate: float = 0.1,
-        text_encoder: str = DEFAULT_TEXT_ENCODER,
-        text_layers: int | None = 6,
-        text_pretrained: bool = True,
-        groups: int = 12,
-        reduction: int = 16,
-        rank: int = 32,
-        lap_dim: int = 64,
-        mask_dim: int = 256,
-        task: str = "both",
+        config: VGLAWConfig | None = None,
+        *,
+        text_layer: Callable[..., nn.Module] = TextEncoder,
+        embed_layer: Callable[..., nn.Module] = PatchEmbed,
+        box_head_layer: Callable[..., nn.Module] = LAPBoxHead,
+        mask_head_layer: Callable[..., nn.Module] = MaskHead,
+        **fields: Any,
     ) -> None:
         super().__init__()
-        if task not in TASKS:
-            raise UsageError(f"task must be one of {TASKS}, got {task!r}")
-        self.img_size = img_size
-        self.task = task
-        self.text = TextEncoder(text_encoder, text_layers, text_pretrained)
+        self.config = config = self.make_config(config, fields)
+        self.text = text_layer(config.text_encoder, config.text_layers, config.text_pretrained)
         self.backbone = ViTDet(
-            img_size=img_size,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            drop_path_rate=drop_path_rate,
-            window_size=window_size,
-            window_block_indexes=window_block_indexes,
+            img_size=config.img_size,
+            patch_size=config.patch_size,
+            embed_dim=config.embed_dim,
+            depth=config.depth,
+            num_heads=config.num_heads,
+            drop_path_rate=config.drop_path_rate,
+            window_size=config.window_size,
+            window_block_indexes=config.window_block_indexes,
+            embed_layer=embed_layer,
         )
-        self.aggregator = LanguageAggregator(self.text.dim, depth, groups, reduction)
-        self.weight_generator = WeightGenerator(self.aggregator.out_dim, embed_dim, depth, rank)
-        self.box_head = LAPBoxHead(embed_dim, self.text.dim, lap_dim) if task in ("both", "box") else None
-        self.mask_head = MaskHead(embed_dim, self.text.dim, mask_dim) if task in ("both", "mask") else None
+        C, d_l = config.embed_dim, self.text.dim
+        self.aggregator = LanguageAggregator(d_l, config.depth, config.groups, config.reduction)
+        self.weight_generator = WeightGenerator(self.aggregator.out_dim, C, config.depth, config.rank)
+        self.box_head = box_head_layer(C, d_l, config.lap_dim) if config.box_task else None
+        self.mask_head = mask_head_layer(C, d_l, config.mask_dim) if config.mask_task else None
+
+    @classmethod
+    def make_config(cls, config: VGLAWConfig | Mapping[str, Any] | None, fields: Mapping[str, Any]) -> VGLAWConfig:
+        """The class's config from a config, a mapping of its fields, or keyword fields.
+
+        Raises:
+            UsageError: a config of another class, both a config and fields, or an unknown field.
+        """
+        if config is None:
+            return cls.config_class.from_dict(fields)
+        if fields:
+            raise UsageError(f"{cls.__name__}: give a config or its fields, not both")
+        if isinstance(config, Mapping):
+            return cls.config_class.from_dict(config)
+        if type(config) is not cls.config_class:
+            raise UsageError(f"{cls.__name__} is built from a {cls.config_class.__name__}, got a "
+                             f"{type(config).__name__}")
+        return config
+
+    @property
+    def img_size(self) -> int:
+        return self.config.img_size
+
+    @property
+    def task(self) -> str:
+        return self.config.task
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute backbone blocks during backward to save activation memory."""
@@ -120,13 +124,18 @@ class VGLAW(nn.Module, ModelFolderMixin):
         """The language-adaptive backbone (static with qkv=None): (B, 3, H, W) -> (B, h, w, C)."""
         return self.backbone(images, qkv)
 
-    def forward_heads(self, features: Tensor, sentence: Tensor, out_size: tuple[int, int]) -> dict[str, Tensor]:
-        """Box and/or mask from the backbone features and the heads' text feature."""
+    def forward_heads(self, features: Tensor, sentence: Tensor, out_size: tuple[int, int],
+                      **maps: Tensor) -> dict[str, Tensor]:
+        """Every head's named outputs from the backbone features and the heads' text feature.
+
+        `maps`: finer maps of the image for a mask head that reads one (the paper's reads none;
+        a from-scratch model's reads its stem's stride-4 map as `skip`).
+        """
         out: dict[str, Tensor] = {}
         if self.box_head is not None:
-            out["boxes"], out["lap_attention"] = self.box_head(features, sentence)
+            out.update(self.box_head(features, sentence))
         if self.mask_head is not None:
-            out["mask_logits"] = self.mask_head(features, sentence, out_size)
+            out.update(self.mask_head(features, sentence, out_size, **maps))
         return out
 
     def ground(self, images: Tensor, qkv: Sequence[LowRank] | None, sentence: Tensor) -> dict[str, Tensor]:

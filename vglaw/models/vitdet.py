@@ -11,7 +11,7 @@ qkv = x·W0ᵀ + bias + (x·down)·up, so no (B, 3C, C) tensor is ever built.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +196,8 @@ class ViTDet(nn.Module):
         window_size: window side of the window blocks.
         window_block_indexes: blocks using window attention; the others attend globally.
         use_rel_pos: add decomposed relative position bias.
+        embed_layer: the patch embedding, called as `PatchEmbed(patch_size, in_chans,
+            embed_dim)` (timm's `embed_layer=`); it maps (B, in_chans, H, W) to (B, H/p, W/p, C).
     """
 
     def __init__(
@@ -212,6 +214,7 @@ class ViTDet(nn.Module):
         window_size: int = 14,
         window_block_indexes: Sequence[int] = (0, 1, 3, 4, 6, 7, 9, 10),
         use_rel_pos: bool = True,
+        embed_layer: Callable[..., nn.Module] = PatchEmbed,
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -220,7 +223,7 @@ class ViTDet(nn.Module):
         self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.grad_checkpointing = False
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = embed_layer(patch_size, in_chans, embed_dim)
         # Without pretrained weights, start from MAE's fixed sin-cos table: position is then
         # readable from step one, which matters for "left of" / "at the top" expressions.
         self.pos_embed = nn.Parameter(sincos_pos_embed((grid, grid), embed_dim))

@@ -17,7 +17,8 @@ from vglaw.data.datamodule import CALIBRATION
 from vglaw.errors import UsageError
 from vglaw.models.checkpoint import load_visual_weights
 from vglaw.models.generalised import EXIST_THRESHOLD
-from vglaw.models.loading import model_from_hparams
+from vglaw.models.config import ModelArgs, ScratchConfig
+from vglaw.models.loading import VARIANTS, config_from_hparams, model_args_dict
 from vglaw.models.postprocess import to_original
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER
 from vglaw.training.calibration import CalibrationPeaks, calibration_samples, fit_platt
@@ -55,7 +56,8 @@ class VGLAWModule(pl.LightningModule):
         visual_weights: detectron2 / MAE / SAM checkpoint for the visual backbone.
         visual_rel_pos: how the checkpoint's longer relative-position tables reach the model's
             grid: "crop" (the paper's centre crop) or "interpolate" (detectron2's).
-        model_args: further constructor arguments of the variant's class (e.g. {"text_layers": 6}).
+        model_args: further fields of the variant's config (`ModelArgs`, e.g. {"text_layers": 6}),
+            checked field by field by LightningCLI; a plain dict as older checkpoints hold it.
         seg_classes: categories of a from-scratch variant's auxiliary classifier (background
             included; linked by the CLI from the data module's `num_categories`); 0 for none.
         grad_checkpointing: recompute backbone blocks during backward to save memory.
@@ -88,7 +90,7 @@ class VGLAWModule(pl.LightningModule):
         task: str = "both",
         visual_weights: str | None = None,
         visual_rel_pos: str = "crop",
-        model_args: dict[str, Any] | None = None,
+        model_args: ModelArgs | None = None,
         seg_classes: int = 0,
         grad_checkpointing: bool = False,
         weight_l1: float = 1.0,
@@ -110,8 +112,10 @@ class VGLAWModule(pl.LightningModule):
         gamma: float = 0.1,
     ) -> None:
         super().__init__()
+        model_args = model_args_dict(model_args)  # checkpoints hold plain data: the fields set, as a dict
         self.save_hyperparameters()
-        self.model = model_from_hparams(self.hparams)
+        config = config_from_hparams(self.hparams)
+        self.model = VARIANTS[variant][0](config)
         if visual_weights is not None:
             load_visual_weights(self.model.backbone, visual_weights, rel_pos=visual_rel_pos)
         self.model.set_grad_checkpointing(grad_checkpointing)
@@ -127,7 +131,7 @@ class VGLAWModule(pl.LightningModule):
         if weight_seg < 0:
             raise UsageError(f"weight_seg must be >= 0, got {weight_seg}")
         if weight_seg > 0:
-            if getattr(self.model.mask_head, "seg", None) is None:
+            if not (isinstance(self.model.config, ScratchConfig) and self.model.config.seg_classes):
                 raise UsageError("weight_seg needs a from-scratch variant with a category classifier: seg_classes "
                                  "(the dataset's categories + 1) and a mask task")
             self.loss_weights["seg"] = weight_seg

@@ -24,6 +24,7 @@ from vglaw.data.text import check_expression, warn_truncated
 from vglaw.data.transforms import GroundingTransform
 from vglaw.errors import ModelOutputError, UsageError, UserError
 from vglaw.inference.loading import load_model, resolve_device
+from vglaw.inference.onnx import OnnxModel
 from vglaw.inference.results import Attention, Grounding, PairError
 from vglaw.models.generalised import EXIST_THRESHOLD
 from vglaw.models.postprocess import to_original
@@ -67,7 +68,8 @@ class Grounder:
 
     def __init__(self, model: Any, device: str | torch.device = "cpu", max_tokens: int = MAX_TOKENS) -> None:
         self.model = load_model(model, device)
-        self.device = getattr(self.model, "device", None) or resolve_device(device)  # an ONNX model says its own
+        # An ONNX model runs where ONNX Runtime's provider does; a PyTorch model where it was put.
+        self.device = self.model.device if isinstance(self.model, OnnxModel) else resolve_device(device)
         self.img_size = self.model.img_size
         self.tokenizer = load_tokenizer(self.model.tokenizer_source)
         self.max_tokens = max_tokens

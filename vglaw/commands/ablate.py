@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     if args.out:
         check_output(args.out, flag="--out", overwrite=args.overwrite)  # before minutes of work
     # the library (torch) loads once the arguments are read: --help answers without it
-    from vglaw.data.refer import ReferDataset
+    from vglaw.data.grefer import reader_for
     from vglaw.data.transforms import GroundingTransform
     from vglaw.inference import load_model, resolve_device, resolve_model
     from vglaw.inference.ablation import ablate, to_markdown
@@ -48,8 +48,10 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"{source}: the ablation swaps the language-adaptive weights inside the PyTorch model; "
                          "give the model folder or checkpoint the ONNX file was exported from")
     model = load_model(source, resolve_device(args.device))
-    dataset = ReferDataset(args.data_root, args.dataset, args.split, args.split_by,
-                           transform=GroundingTransform(model.img_size, keep_original=True))
+    # the ablation measures single-target grounding: imported data gives its one-object expressions
+    dataset = reader_for(args.dataset, generalised=False)(args.data_root, args.dataset, args.split, args.split_by,
+                                                          transform=GroundingTransform(model.img_size,
+                                                                                       keep_original=True))
     table = ablate(model, dataset, args.batch_size, args.limit)
     md = to_markdown(table)
     print(f"{args.dataset} {args.split}, {len(dataset) if not args.limit else min(args.limit, len(dataset))} "

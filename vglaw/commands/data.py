@@ -1,4 +1,4 @@
-"""`vglaw data shapes` and `vglaw data check`."""
+"""`vglaw data shapes`, `vglaw data check` and `vglaw data import`."""
 from __future__ import annotations
 
 import argparse
@@ -22,10 +22,32 @@ def main(argv: list[str]) -> int:
     s.add_argument("--overwrite", action="store_true", help="replace a dataset of the same name already in OUT")
     c = sub.add_parser("check", help="check a prepared refer-format folder and print per-split counts")
     c.add_argument("--root", default="data")
-    c.add_argument("--dataset", required=True, help="refcoco, refcoco+, refcocog, refclef, grefcoco, shapes, gshapes")
+    c.add_argument("--dataset", required=True,
+                   help="refcoco, refcoco+, refcocog, refclef, grefcoco, shapes, gshapes, custom")
     c.add_argument("--split-by", default=None)
     c.add_argument("--images", action="store_true", help="also read every image and mask")
+    i = sub.add_parser("import", help="convert your own annotations (MDETR, ODVG, Label Studio, jsonl) into a "
+                                      "dataset every command reads (--data.dataset custom)")
+    i.add_argument("--format", required=True, help="mdetr, odvg, labelstudio or jsonl (data/README.md)")
+    i.add_argument("--input", required=True, action="append",
+                   help="the annotation file; repeat for several, SPLIT=FILE to put a file's records in SPLIT")
+    i.add_argument("--images", default=None, help="the images folder (default: the first input's folder)")
+    i.add_argument("--out", required=True, help="root folder; writes OUT/custom and links OUT/images/custom")
+    i.add_argument("--seed", type=int, default=0, help="the seed of the split by image, when the input gives none")
+    i.add_argument("--skip-invalid", action="store_true", help="skip bad records (counted by reason) instead of "
+                                                               "stopping at the first")
+    i.add_argument("--overwrite", action="store_true", help="replace a dataset already imported into OUT")
     args = parser.parse_args(argv)
+    if args.command == "import":
+        from vglaw.data.formats import import_dataset
+        from vglaw.data.importing import summary_table
+
+        result = import_dataset(args.format, args.input, args.out, args.images, args.seed, args.skip_invalid,
+                                args.overwrite)
+        print(summary_table(result))
+        print(f"wrote {Path(args.out) / 'custom'}; train with: vglaw fit --config configs/custom.yaml "
+              f"--data.data_root {args.out}")
+        return 0
     # the library (numpy, torch) loads once the arguments are read: --help answers without it
     from vglaw.data.check import check
     from vglaw.data.refer import SPLITS

@@ -5,8 +5,8 @@ import warnings
 
 from tqdm import tqdm
 
-from vglaw.data.grefer import GReferDataset
-from vglaw.data.refer import DEFAULT_SPLIT_BY, GENERALISED, SPLITS, BadSampleError, ReferDataset
+from vglaw.data.grefer import reader_for
+from vglaw.data.refer import DEFAULT_SPLIT_BY, SPLITS, BadSampleError
 from vglaw.errors import UsageError
 
 
@@ -24,7 +24,7 @@ def check(root: str, dataset: str, split_by: str | None, load_images: bool) -> t
     for split in SPLITS[dataset][split_by]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reader = GReferDataset if dataset in GENERALISED else ReferDataset
+            reader = reader_for(dataset)
             ds = reader(root, dataset, split, split_by, skip_invalid=True)
         problems += [f"{split}: {p}" for p in ds.problems]
         counts[split] = {**ds.counts(), "skipped": len(ds.problems)}

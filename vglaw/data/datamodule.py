@@ -18,7 +18,7 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
-from vglaw.data.grefer import GReferDataset
+from vglaw.data.grefer import reader_for
 from vglaw.data.refer import DEFAULT_SPLIT_BY, GENERALISED, ReferDataset, category_count
 from vglaw.data.text import real_token_counts
 from vglaw.data.transforms import GroundingTransform
@@ -72,7 +72,8 @@ class ReferDataModule(pl.LightningDataModule):
 
     Args:
         dataset: refcoco, refcoco+, refcocog, refclef or shapes; grefcoco or gshapes for
-            generalised grounding (0..N referred objects, `vglaw.data.grefer`).
+            generalised grounding (0..N referred objects, `vglaw.data.grefer`); custom for data
+            imported by `vglaw data import`.
         data_root: folder holding `<dataset>/` and `images/` (see data/README.md).
         split_by: unc, umd, google or berkeley; None takes the dataset's default.
         train_split: split to train on.
@@ -105,6 +106,10 @@ class ReferDataModule(pl.LightningDataModule):
             draw) kept out of training; while fitting, a generalised model's box scores are
             calibrated on them (`vglaw.training.calibration`), so no reported split takes part
             in its own calibration. 0 leaves the scores uncalibrated.
+        generalised: read the data for a generalised model (0..N targets per expression) or a
+            single-target one (custom data: an expression naming no or several objects is then a
+            bad sample); the CLI links it from `model.variant`. None: as the dataset is (grefcoco
+            and gshapes generalised, the others, custom included, single-target).
     """
 
     def __init__(
@@ -130,10 +135,12 @@ class ReferDataModule(pl.LightningDataModule):
         cache_images: bool = False,
         categories: bool = False,
         calibration_holdout: float = 0.0,
+        generalised: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.dataset, self.data_root = dataset, data_root
+        self.generalised = dataset in GENERALISED if generalised is None else generalised
         self.split_by = split_by or DEFAULT_SPLIT_BY.get(dataset)
         self.train_split = train_split
         self.val_splits = list(val_splits or ["val"])
@@ -149,9 +156,9 @@ class ReferDataModule(pl.LightningDataModule):
         self.skip_invalid, self.cache_images, self.categories = skip_invalid, cache_images, categories
         if not 0.0 <= calibration_holdout < 1.0:
             raise UsageError(f"data.calibration_holdout must be in [0, 1), got {calibration_holdout}")
-        if calibration_holdout > 0 and dataset not in GENERALISED:
+        if calibration_holdout > 0 and not self.generalised:
             raise UsageError(f"data.calibration_holdout calibrates a generalised model's box scores; {dataset} is not "
-                             f"a generalised dataset ({', '.join(sorted(GENERALISED))})")
+                             "read for a generalised model")
         self.calibration_holdout = calibration_holdout
         self.collate = Collate(text_encoder, max_tokens)
         self._sets: dict[str, ReferDataset] = {}
@@ -159,7 +166,7 @@ class ReferDataModule(pl.LightningDataModule):
     @property
     def calibration_split(self) -> str | None:
         """The name of the held-out calibration slice (`calibration_holdout`), None without one."""
-        return CALIBRATION if self.calibration_holdout > 0 and self.dataset in GENERALISED else None
+        return CALIBRATION if self.calibration_holdout > 0 and self.generalised else None
 
     def split(self, name: str, train: bool = False) -> ReferDataset:
         """A split's dataset; `CALIBRATION` is the held-out slice of the training split, which
@@ -167,7 +174,7 @@ class ReferDataModule(pl.LightningDataModule):
         key = f"{name}:{train}"
         if key not in self._sets:
             transform = GroundingTransform(self.img_size, train=train, keep_original=not train, **self.augmentation)
-            reader = GReferDataset if self.dataset in GENERALISED else ReferDataset
+            reader = reader_for(self.dataset, self.generalised)
             source = self.train_split if name == CALIBRATION else name
             # Every split skips (and counts) bad samples when asked: `vglaw data check` recommends
             # skip_invalid, and a validation split that still refused them would end fit.

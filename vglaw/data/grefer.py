@@ -7,7 +7,9 @@ one or many objects.
     <root>/<IMAGE_DIRS[dataset]>/<file_name>
 
 One sample per sentence, with the union mask of its objects (empty for no target) and every
-box of the set. Datasets: "grefcoco" and the generated "gshapes" (`vglaw data shapes --generalised`).
+box of the set. Datasets: "grefcoco", the generated "gshapes" (`vglaw data shapes --generalised`)
+and "custom" (`vglaw data import`), which a single-target model reads through
+`SingleTargetGReferDataset`.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vglaw.data.refer import BadSampleError, ReferDataset, ann_to_mask, segmentation_problem
+from vglaw.data.refer import GREFS_FORMAT, BadSampleError, ReferDataset, Sample, ann_to_mask, segmentation_problem
 from vglaw.errors import UsageError
 
 
@@ -136,3 +138,34 @@ class GReferDataset(ReferDataset):
         out["no_target"] = sum(1 for s in self.samples if not s.ann_ids)
         out["multi_target"] = sum(1 for s in self.samples if len(s.ann_ids) > 1)
         return out
+
+
+class SingleTargetGReferDataset(GReferDataset):
+    """A gRefCOCO-format dataset read for a model that grounds exactly one object: every
+    expression must name one (else a bad sample, skipped with `skip_invalid`); samples and
+    `load` as `ReferDataset`'s ("bbox", the object's mask)."""
+
+    def _ref_samples(self, ref: dict, refs_path: Path, inst_path: Path, problems: list[str],
+                     first_index: int) -> list[Sample]:
+        samples = super()._ref_samples(ref, refs_path, inst_path, problems, first_index)
+        n = len(samples[0].ann_ids) if samples else 1
+        if n != 1:
+            raise BadSampleError(f"ref {ref['ref_id']} in {refs_path} ({samples[0].text!r}) names "
+                                 f"{'no object' if n == 0 else f'{n} objects'}; a single-target model grounds exactly "
+                                 "one: train a generalised variant (*_gref) on this data, or set data.skip_invalid "
+                                 "true to leave such expressions out")
+        return [Sample(s.index, s.ref_id, s.sent_id, s.ann_ids[0], s.image_id, s.text, s.image_path, s.bboxes[0])
+                for s in samples]
+
+    load = ReferDataset.load
+    counts = ReferDataset.counts
+
+
+def reader_for(dataset: str, generalised: bool | None = None) -> type[ReferDataset]:
+    """The reader of `dataset` for a generalised model or not (None: as the dataset is; an
+    imported "custom" dataset is read as stored, with 0..N targets)."""
+    if dataset not in GREFS_FORMAT:
+        return ReferDataset
+    if generalised is None:
+        generalised = True
+    return GReferDataset if generalised else SingleTargetGReferDataset

@@ -33,10 +33,13 @@ SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
     # Generalised grounding (zero, one or many referred objects), gRefCOCO's format: `vglaw.data.grefer`.
     "grefcoco": {"unc": ("train", "val", "testA", "testB")},
     "gshapes": {"unc": ("train", "val", "test")},
+    # Your own data, imported by `vglaw data import` (`vglaw.data.importing`), in gRefCOCO's format.
+    "custom": {"unc": ("train", "val", "test")},
 }
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "unc", "shapes": "unc",
-                    "grefcoco": "unc", "gshapes": "unc"}
-GENERALISED = ("grefcoco", "gshapes")
+                    "grefcoco": "unc", "gshapes": "unc", "custom": "unc"}
+GENERALISED = ("grefcoco", "gshapes")  # datasets of expressions naming 0..N objects: generalised models only
+GREFS_FORMAT = (*GENERALISED, "custom")  # stored in gRefCOCO's format; custom is read for either kind of model
 IMAGE_DIRS = {
     "refcoco": "images/mscoco/images/train2014",
     "refcoco+": "images/mscoco/images/train2014",
@@ -45,6 +48,7 @@ IMAGE_DIRS = {
     "shapes": "images/shapes",
     "grefcoco": "images/mscoco/images/train2014",
     "gshapes": "images/gshapes",
+    "custom": "images/custom",  # a link to the imported images' folder
 }
 HOW_TO_GET = "see data/README.md for where to download it and the expected layout"
 IGNORE = 255  # category-map value of crowd regions: no loss there

@@ -99,6 +99,8 @@ class VGLAWCLI(LightningCLI):
         parser.link_arguments("data.text_encoder", "model.text_encoder")
         parser.link_arguments("model.weight_seg", "data.categories", compute_fn=lambda w: w > 0)
         parser.link_arguments("data.num_categories", "model.seg_classes", apply_on="instantiate")
+        # a generalised model reads 0..N targets per expression; imported data serves either kind
+        parser.link_arguments("model.variant", "data.generalised", compute_fn=is_generalised)
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.link_arguments(("model.task", "data.val_splits", "model.variant"), "checkpoint.monitor",
                               compute_fn=monitor_key)

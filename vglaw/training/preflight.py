@@ -11,8 +11,8 @@ from pathlib import Path
 
 from transformers.utils import cached_file
 
-from vglaw.data.grefer import GReferDataset
-from vglaw.data.refer import DEFAULT_SPLIT_BY, GENERALISED, IMAGE_DIRS, SPLITS, ReferDataset
+from vglaw.data.grefer import reader_for
+from vglaw.data.refer import DEFAULT_SPLIT_BY, GENERALISED, IMAGE_DIRS, SPLITS
 from vglaw.errors import UserError
 from vglaw.io.safe_pickle import load_torch_file
 from vglaw.models.loading import VARIANTS, is_generalised
@@ -64,7 +64,8 @@ def check_run(subcommand: str, config) -> None:
         problems.append(f"data.num_workers must be >= 0, got {data.num_workers}")
     if model.variant not in VARIANTS:
         problems.append(f"model.variant {model.variant!r} is unknown; available: {', '.join(sorted(VARIANTS))}")
-    elif is_generalised(model.variant) != (data.dataset in GENERALISED):
+    # imported data ("custom") is read for either kind of model (`reader_for`)
+    elif data.dataset != "custom" and is_generalised(model.variant) != (data.dataset in GENERALISED):
         problems.append(f"model.variant {model.variant} and data.dataset {data.dataset} do not go together: "
                         f"generalised variants (*_gref) train on {' / '.join(GENERALISED)}, the others on "
                         "single-target data")
@@ -76,7 +77,7 @@ def check_run(subcommand: str, config) -> None:
     root = Path(data.data_root).expanduser()
     if data.dataset in SPLITS:
         split_by = data.split_by or DEFAULT_SPLIT_BY[data.dataset]
-        reader = GReferDataset if data.dataset in GENERALISED else ReferDataset
+        reader = reader_for(data.dataset, is_generalised(model.variant))
         hint = (f"run `vglaw data shapes --out {root}{' --generalised' if data.dataset == 'gshapes' else ''}`"
                 if data.dataset in ("shapes", "gshapes") else
                 "see data/README.md for where to download it and the layout")

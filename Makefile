@@ -17,7 +17,7 @@ SHAPES ?= data
 OUT ?= outputs/demo
 OUT_GREF ?= outputs/demo-gref
 
-.PHONY: setup test test-all test-browser lint docs demo demo-gref serve train eval bench bench-quick clean
+.PHONY: setup test test-all test-browser lint docs demo demo-gref demo-finetune serve train eval bench bench-quick clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ serve: $(SERVE_STAMP)
 
 demo-gref: $(STAMP)
 	$(PY) -m vglaw.commands.demo --generalised --data $(SHAPES) --out $(OUT_GREF) $(ARGS)
+
+# After `make demo`: a new domain as Label Studio exports, imported, the demo model fine-tuned on it.
+demo-finetune: $(STAMP)
+	$(PY) -m vglaw.commands.demo_finetune --model $(OUT)/logs/demo/model $(ARGS)
 
 train: $(STAMP)
 	$(VENV)/bin/vglaw fit --config configs/$(DATASET).yaml --trainer.devices $(GPUS) --trainer.num_nodes $(NODES) $(ARGS)

@@ -2,6 +2,7 @@
 
     vglaw predict --image x.jpg --text "left dog" [--text ...] [--model DIR|HUB_ID|CKPT] [--explain]
     vglaw predict --pairs pairs.jsonl [--output predictions.jsonl] [--overlays DIR]
+                  [--format jsonl|labelstudio|coco]
     vglaw predict --images FOLDER --texts expressions.txt [--output predictions.jsonl]
 
 With no --model, the most recent model folder `make demo`, `vglaw fit` or `vglaw export` wrote.
@@ -64,7 +65,8 @@ def batch_output(args) -> Path:
     inputs = [source] + ([Path(args.texts)] if args.texts else [])
     if args.output:
         return check_output(Path(args.output), inputs, flag="--output", overwrite=args.overwrite)
-    return check_output(free_name(source.with_suffix("").as_posix() + ".predictions.jsonl"), inputs, flag="--output")
+    suffix = ".predictions.jsonl" if args.format == "jsonl" else f".predictions.{args.format}.json"
+    return check_output(free_name(source.with_suffix("").as_posix() + suffix), inputs, flag="--output")
 
 
 def overlay_paths(args, pairs) -> dict[int, Path]:
@@ -109,6 +111,7 @@ def single_outputs(args) -> tuple[Path, list[Path]]:
 def predict_many(args, grounder, pairs: list, bad: list, output: Path, overlays: dict[int, Path]) -> int:
     from tqdm import tqdm
 
+    from vglaw.inference.exchange import ExchangeWriter
     from vglaw.inference.results import PairError
     from vglaw.viz.overlay import draw_overlay
 
@@ -118,6 +121,7 @@ def predict_many(args, grounder, pairs: list, bad: list, output: Path, overlays:
     partial = output.with_name(f"{output.name}.{os.getpid()}.partial")
     done = skipped = 0
     records: dict[int, dict] = {n: {"line": n, "error": p} for n, p in bad}
+    exchange = ExchangeWriter(args.format, str(grounder.model.source or "vglaw")) if args.format != "jsonl" else None
     try:
         with open(partial, "w") as out:
             results = grounder.predict_pairs(((image, text) for _, image, text in pairs), args.batch_size,
@@ -135,11 +139,16 @@ def predict_many(args, grounder, pairs: list, bad: list, output: Path, overlays:
                     if overlays:
                         record["overlay"] = str(save_image(draw_overlay(r.image, [r]), overlays[n]))
                         r.image = None  # drawn: the next image may replace it
+                    if exchange is not None:
+                        exchange.add(str(image), r)
                 records[n] = record
-                while records and min(records) <= n:  # keep the input's order, bad lines included
+                while exchange is None and records and min(records) <= n:  # the input's order, bad lines too
                     out.write(json.dumps(records.pop(min(records))) + "\n")
-            for n in sorted(records):
-                out.write(json.dumps(records.pop(n)) + "\n")
+            if exchange is None:
+                for n in sorted(records):
+                    out.write(json.dumps(records.pop(n)) + "\n")
+            else:
+                json.dump(exchange.content(), out)
         os.replace(partial, output)
     except OSError as err:  # a full disk or a vanished folder: say where the results so far are
         kept = f"; the results so far are in {partial}" if partial.is_file() else ""
@@ -198,6 +207,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", default=None,
                         help="batch mode: results JSONL (default: <input>.predictions.jsonl, or -2, -3, ... when "
                         "that exists)")
+    parser.add_argument("--format", default="jsonl", choices=("jsonl", "labelstudio", "coco"),
+                        help="batch mode: --output as JSONL (one result per line), Label Studio pre-annotations "
+                        "(import as predictions) or COCO results JSON")
     parser.add_argument("--overlays", default=None,
                         help="batch mode: also write an overlay per pair to this folder")
     parser.add_argument("--overwrite", action="store_true",
@@ -208,6 +220,8 @@ def main(argv: list[str]) -> int:
     batch = bool(args.pairs or args.images)
     if batch == bool(args.image) or (args.image and not args.text) or (args.pairs and args.images):
         raise UsageError("give --image with --text, or --pairs FILE, or --images FOLDER with --texts FILE")
+    if args.format != "jsonl" and not batch:
+        raise UsageError("--format applies to batch mode (--pairs or --images); --json gives one image's results")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.image:

@@ -152,8 +152,8 @@ def grounding_loss(outputs: dict[str, Tensor], boxes: Tensor, masks: Tensor, wei
         terms.update(box_losses(outputs["boxes"].float(), boxes.float()))
     if "centre_logits" in outputs:
         if boxes_set is None or has_target is None:
-            raise UsageError("a generalised model needs generalised data (dataset grefcoco or gshapes): the batch "
-                             "has no box sets")
+            raise UsageError("a generalised model needs generalised data (dataset grefcoco, gshapes, or custom "
+                             "with data.generalised true): the batch has no box sets")
         terms.update(set_losses(outputs, boxes_set, has_target))
     if "mask_logits" in outputs:
         terms.update(mask_losses(outputs["mask_logits"], masks))

@@ -6,22 +6,23 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from vglaw.data.datamodule import CALIBRATION
 from vglaw.errors import UsageError
 from vglaw.models.checkpoint import load_visual_weights
-from vglaw.models.generalised import EXIST_THRESHOLD
 from vglaw.models.config import ModelArgs, ScratchConfig
+from vglaw.models.generalised import EXIST_THRESHOLD
 from vglaw.models.loading import VARIANTS, config_from_hparams, model_args_dict
 from vglaw.models.postprocess import to_original
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER
 from vglaw.training.calibration import CalibrationPeaks, calibration_samples, fit_platt
+from vglaw.training.finetune import freeze as freeze_parts
+from vglaw.training.finetune import initialise_from
 from vglaw.training.gmetrics import GeneralisedMetrics, grec_correct
 from vglaw.training.losses import grounding_loss
 from vglaw.training.metrics import GroundingMetrics, measure_predictions
@@ -80,6 +81,11 @@ class VGLAWModule(pl.LightningModule):
         warmup_start: the learning-rate factor the warm-up starts from (the official port's 1%).
         milestones: epochs at which the learning rate is multiplied by `gamma`.
         gamma: step decay factor.
+        init_from: a trained model (folder or hub id) whose weights the model starts from
+            (`vglaw.training.finetune.initialise_from`): fine-tuning.
+        freeze: parts kept fixed: "text", "backbone" (its static weights; the language-adaptive
+            updates still come from the trained weight generator), "aggregator",
+            "weight_generator", "box_head", "mask_head".
     """
 
     def __init__(
@@ -110,6 +116,8 @@ class VGLAWModule(pl.LightningModule):
         warmup_start: float = 0.01,
         milestones: list[int] | None = None,
         gamma: float = 0.1,
+        init_from: str | None = None,
+        freeze: list[str] | None = None,
     ) -> None:
         super().__init__()
         model_args = model_args_dict(model_args)  # checkpoints hold plain data: the fields set, as a dict
@@ -118,6 +126,11 @@ class VGLAWModule(pl.LightningModule):
         self.model = VARIANTS[variant][0](config)
         if visual_weights is not None:
             load_visual_weights(self.model.backbone, visual_weights, rel_pos=visual_rel_pos)
+        if init_from is not None:
+            self.init_report = initialise_from(self.model, init_from)
+            rank_zero_info(self.init_report)
+        self.frozen = freeze_parts(self.model, list(freeze or []))
+        self.train()  # frozen parts in eval mode now: Lightning keeps each module's mode from the start of fit
         self.model.set_grad_checkpointing(grad_checkpointing)
         self.img_size = img_size
         if weight_lap < 0:
@@ -143,6 +156,12 @@ class VGLAWModule(pl.LightningModule):
         self.metrics = nn.ModuleDict()
         self._calibrating = False  # collecting box-score calibration peaks (generalised, validation in fit)
         self.calibration_peaks = CalibrationPeaks()
+
+    def train(self, mode: bool = True) -> VGLAWModule:
+        super().train(mode)
+        for module in self.frozen:  # fixed parts keep their BatchNorm statistics and no dropout
+            module.eval()
+        return self
 
     def forward(self, batch: dict, return_attention: bool = False) -> dict[str, Tensor]:
         return self.model(batch["images"], batch["input_ids"], batch["attention_mask"], return_attention)

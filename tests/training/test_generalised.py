@@ -371,5 +371,5 @@ def test_box_scores_are_calibrated_on_held_out_training_images_never_on_val(gsha
     module._eval_step(next(iter(dm._loader("val", train=False))), 1)
     module._eval_step(next(iter(dm._loader("val", train=False))), 1)
     assert fits == [1] and len(module.metrics["val"].index) == 2  # fitted once, on the slice's batch only
-    with pytest.raises(vglaw.errors.UsageError, match="not a generalised dataset"):
+    with pytest.raises(vglaw.errors.UsageError, match="shapes is not read for a generalised model"):
         ReferDataModule(dataset="shapes", calibration_holdout=0.1)

@@ -170,3 +170,11 @@ def test_coco_results_hold_a_box_score_and_mask_per_prediction(imported, tiny_fo
         assert mask_utils.decode(rle).shape == tuple(e["segmentation"]["size"])
     assert main(["predict", "--image", str(test.samples[0].image_path), "--text", "x", "--model", str(tiny_folder),
                  "--format", "coco"]) == 2
+
+
+def test_a_missing_init_from_folder_is_named_before_anything_runs(imported, tmp_path, capsys):
+    rc = main(["fit", "--config", str(REPO / "configs" / "finetune.yaml"), f"--data.data_root={imported}",
+               f"--model.init_from={tmp_path / 'nothing'}", f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"model.init_from {tmp_path / 'nothing'}: no model folder there" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()

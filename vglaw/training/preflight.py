@@ -15,6 +15,7 @@ from vglaw.data.grefer import reader_for
 from vglaw.data.refer import DEFAULT_SPLIT_BY, GENERALISED, IMAGE_DIRS, SPLITS
 from vglaw.errors import UserError
 from vglaw.io.safe_pickle import load_torch_file
+from vglaw.models.hub import is_local_path
 from vglaw.models.loading import VARIANTS, is_generalised
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER, resolve_text_encoder
 
@@ -92,6 +93,10 @@ def check_run(subcommand: str, config) -> None:
         problems.append(f"visual weights: {model.visual_weights} is missing (detectron2's ViTDet-B "
                         "model_final_61ccd1.pkl from the detectron2 model zoo, see data/README.md; or "
                         "--model.visual_weights null to start from scratch)")
+    init = model.init_from
+    if init and is_local_path(init) and not (Path(init).expanduser() / "config.json").is_file():
+        problems.append(f"model.init_from {init}: no model folder there (a folder with config.json, as `vglaw fit` "
+                        "and `vglaw export` write; or a hub id)")
     problem = text_encoder_problem(data.text_encoder)
     if problem:
         problems.append(f"text encoder: {problem}")

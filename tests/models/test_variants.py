@@ -61,3 +61,16 @@ def test_every_variant_is_a_typed_config_its_class_owns(name):
     other = next(c for c in (VARIANTS[n][0].config_class for n in VARIANTS) if c is not cls.config_class)
     with pytest.raises(UsageError, match=f"built from a {cls.config_class.__name__}"):
         cls(other())
+
+
+def test_model_args_list_every_config_field_a_run_may_set():
+    """`ModelArgs` (a run's typed `model.model_args`) names each field of the variants' configs
+    except those the LightningModule sets itself, so a new config field cannot be forgotten
+    there (LightningCLI would refuse it in a run's YAML)."""
+    import dataclasses
+
+    from vglaw.models.config import ModelArgs
+
+    set_by_the_module = {"variant", "img_size", "text_encoder", "task", "seg_classes", "text_pretrained"}
+    fields = set().union(*(VARIANTS[n][0].config_class.field_names() for n in VARIANTS))
+    assert {f.name for f in dataclasses.fields(ModelArgs)} == fields - set_by_the_module

@@ -17,7 +17,7 @@ SHAPES ?= data
 OUT ?= outputs/demo
 OUT_GREF ?= outputs/demo-gref
 
-.PHONY: setup test test-all test-browser lint docs demo demo-gref demo-finetune serve train eval bench bench-quick clean
+.PHONY: setup test test-all test-browser lint docs demo demo-gref demo-finetune demo-describe serve train eval bench bench-quick clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ demo-gref: $(STAMP)
 # After `make demo`: a new domain as Label Studio exports, imported, the demo model fine-tuned on it.
 demo-finetune: $(STAMP)
 	$(PY) -m vglaw.commands.demo_finetune --model $(OUT)/logs/demo/model $(ARGS)
+
+# After `make demo`: a describing head on the demo model, trained and checked by its own grounding.
+demo-describe: $(STAMP)
+	$(PY) -m vglaw.commands.demo_describe --model $(OUT)/logs/demo/model --data $(SHAPES) $(ARGS)
 
 train: $(STAMP)
 	$(VENV)/bin/vglaw fit --config configs/$(DATASET).yaml --trainer.devices $(GPUS) --trainer.num_nodes $(NODES) $(ARGS)

@@ -12,6 +12,8 @@ USAGE = """usage: vglaw <command> [options]
   fit | validate | test   Lightning CLI: --config configs/<dataset>.yaml, --print_config, overrides
   predict                 ground expressions: --image x.jpg --text "left dog" [--model DIR|HUB_ID|CKPT],
                           or many pairs: --pairs pairs.jsonl; --explain draws which words drive which block
+  describe                an expression for each --box of an --image, checked by grounding it back;
+                          or a describing model evaluated on a split (--dataset)
   export                  a training checkpoint -> a model folder (--onnx: an ONNX file)
   ablate                  what the language-adaptive weights do: a split evaluated with the language removed
   data shapes             generate the synthetic shapes dataset in the refer format
@@ -37,6 +39,7 @@ COMMANDS = {
     "data": "vglaw.commands.data",
     "bench": "vglaw.commands.bench",
     "export": "vglaw.commands.export",
+    "describe": "vglaw.commands.describe",
     "ablate": "vglaw.commands.ablate",
     "serve": "vglaw.commands.serve",
 }

@@ -10,7 +10,7 @@ come back in the original image's pixels.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,8 @@ from vglaw.data.transforms import GroundingTransform
 from vglaw.errors import ModelOutputError, UsageError, UserError
 from vglaw.inference.loading import load_model, resolve_device
 from vglaw.inference.onnx import OnnxModel
-from vglaw.inference.results import Attention, Grounding, PairError
+from vglaw.inference.describing import check_boxes, choose, listener_ious, propose, to_input_boxes
+from vglaw.inference.results import Attention, Description, Grounding, PairError, SpokenCandidate
 from vglaw.models.generalised import EXIST_THRESHOLD
 from vglaw.models.postprocess import to_original
 from vglaw.models.text_encoder import MAX_TOKENS, load_tokenizer
@@ -78,18 +79,32 @@ class Grounder:
     def prepare(self, image: np.ndarray, size: tuple[int, int], text: str) -> Prepared:
         """Clean and tokenise the expression (once) and letterbox a working-size image; the
         records map back to the original `size`."""
+        text, ids = self.tokenize(text, stacklevel=4)
+        return Prepared(text, ids, self.letterbox(image, size), size)
+
+    def tokenize(self, text: str, stacklevel: int = 3) -> tuple[str, list[int]]:
+        """The cleaned expression and its token ids, `[CLS]` words `[SEP]`, truncated to
+        `max_tokens` (with a warning).
+
+        Raises:
+            UsageError: an empty expression, or one of only unknown symbols.
+        """
         text = check_expression(text)
         words = self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
         if all(t == self.tokenizer.unk_token_id for t in words):
             raise UsageError(f"expression {text!r} has no word the text encoder knows (only unknown symbols)")
-        warn_truncated([text], [len(words)], self.max_tokens, stacklevel=3)
+        warn_truncated([text], [len(words)], self.max_tokens, stacklevel=stacklevel)
         # [CLS] words [SEP], as the tokenizer writes one BERT sequence (truncated at the end)
-        ids = [self.tokenizer.cls_token_id, *words[: self.max_tokens - 2], self.tokenizer.sep_token_id]
-        sample = self.transform({"image": image, "text": text})
+        return text, [self.tokenizer.cls_token_id, *words[: self.max_tokens - 2], self.tokenizer.sep_token_id]
+
+    def letterbox(self, image: np.ndarray, size: tuple[int, int]) -> dict:
+        """A working-size image as the model reads it ("image"), with the letterbox records
+        ("scale", "pad", "orig_size") in the original `size`'s pixels."""
+        sample = self.transform({"image": image, "text": ""})
         new_w, new_h = (float(v) for v in sample["scale"] * torch.tensor(image.shape[1::-1], dtype=torch.float32))
         sample["scale"] = torch.tensor([new_w / size[1], new_h / size[0]], dtype=torch.float32)
         sample["orig_size"] = torch.tensor(size)
-        return Prepared(text, ids, sample, size)
+        return sample
 
     @torch.no_grad()
     def run(self, items: list[Prepared], return_attention: bool = False) -> list[Grounding]:
@@ -193,4 +208,64 @@ class Grounder:
         flush()
         yield from ready()
 
+    # ---- describing regions (models with a describing head) ---------------------------------
 
+    def describe(self, image: Any, boxes: Sequence[Sequence[float]], candidates: int = 5, rerank: bool = True,
+                 strategy: str = "beam", seed: int = 0, temperature: float = 1.0) -> list[Description]:
+        """An expression for each box [x1, y1, x2, y2] (original pixels) of one image, checked by
+        grounding it back (`vglaw.inference.describing`).
+
+        Args:
+            image: a path, a PIL image or an (H, W, 3) uint8 array.
+            boxes: the regions to describe.
+            candidates: K expressions proposed per box (beams, or samples).
+            rerank: keep the candidate the model grounds back closest to the box (speaker-listener);
+                else the likeliest.
+            strategy: "beam" (beam search) or "sample" (seeded sampling at `temperature`).
+            seed: the sampling seed (each box draws from its own generator seeded with it).
+
+        Raises:
+            UsageError: a model without a describing head, or a box outside the image or of zero area.
+        """
+        return self.describe_decoded(*prepare_image(image), boxes, candidates, rerank, strategy, seed, temperature)
+
+    @torch.no_grad()
+    def describe_decoded(self, image: np.ndarray, size: tuple[int, int], boxes: Sequence[Sequence[float]],
+                         candidates: int = 5, rerank: bool = True, strategy: str = "beam", seed: int = 0,
+                         temperature: float = 1.0, listener_batch: int = 32) -> list[Description]:
+        """`describe` on an image `prepare_image` has decoded already."""
+        if not self.model.describes:
+            raise UsageError(f"the model ({self.model.source or 'given'}) has no describing head: train one with "
+                             "a describing variant (configs/describe_shapes.yaml, `make demo-describe`)")
+        boxes = check_boxes(boxes, size)
+        sample = self.letterbox(image, size)
+        query = torch.tensor(boxes, dtype=torch.float32)  # (N, 4) original pixels
+        inputs = to_input_boxes(query, sample["scale"], sample["pad"], self.img_size).to(self.device)
+        images = sample["image"][None].expand(len(boxes), -1, -1, -1).to(self.device)  # (N, 3, S, S)
+        proposals = propose(self.model, images, inputs, self.tokenizer.cls_token_id, self.tokenizer.sep_token_id,
+                            candidates, strategy, seed, temperature)
+        texts = [[self.tokenizer.decode(list(c.ids), skip_special_tokens=True) for c in cands] for cands in proposals]
+        # The listener: every candidate grounded in the same letterboxed image, in batches.
+        items, where = [], []
+        for b, cands in enumerate(texts):
+            for k, text in enumerate(cands):
+                try:
+                    cleaned, ids = self.tokenize(text)
+                except UserError:  # an empty or unknown-only expression refers to nothing
+                    continue
+                items.append(Prepared(cleaned, ids, sample, size))
+                where.append((b, k))
+        grounded: dict[tuple[int, int], list[float] | None] = {}
+        for start in range(0, len(items), listener_batch):
+            for key, r in zip(where[start : start + listener_batch], self.run(items[start : start + listener_batch])):
+                grounded[key] = r.box
+        results = []
+        for b, cands in enumerate(proposals):
+            found = [grounded.get((b, k)) for k in range(len(cands))]
+            ious = listener_ious(query[b], found)
+            spoken = [SpokenCandidate(texts[b][k], round(c.log_prob, 4), round(ious[k], 4), found[k])
+                      for k, c in enumerate(cands)]
+            best = spoken[choose(ious, [c.log_prob for c in cands], rerank)]
+            results.append(Description(boxes[b], best.text, best.listener_iou, best.log_prob, best.grounded_box,
+                                       spoken, rerank))
+        return results

@@ -62,6 +62,7 @@ class OnnxModel:
     """
 
     variant = None  # an export keeps its graph, not the name of the variant it was built as
+    describes = False  # an export holds the grounding graph only
 
     def __init__(self, path: str | Path | bytes, threads: int | None = None, spin: bool = False) -> None:
         import onnxruntime as ort  # the runtime loads only for an .onnx model

@@ -133,3 +133,47 @@ class PairError:
 
     def get(self, key: str, default=None):
         return self.error if key == "error" else default
+
+
+@dataclass(frozen=True)
+class SpokenCandidate:
+    """One expression the describing head proposed for a region, with what its listener made of it.
+
+    text: the expression (WordPiece tokens joined back into words).
+    log_prob: its log probability under the describing head.
+    listener_iou: IoU of the box the model grounds `text` to with the query box (0 when the
+        text could not be grounded, e.g. empty).
+    grounded_box: that box, [x1, y1, x2, y2] in original pixels (None when not grounded).
+    """
+
+    text: str
+    log_prob: float
+    listener_iou: float
+    grounded_box: list[float] | None
+
+
+@dataclass
+class Description:
+    """An expression for one region of one image; coordinates in the original image's pixels.
+
+    box: the query region [x1, y1, x2, y2].
+    text: the chosen expression; listener_iou its confidence: the IoU of the box the same
+        model grounds it to with `box` (it refers to the region when >= 0.5).
+    log_prob, grounded_box: of the chosen expression.
+    candidates: every candidate considered, most likely first.
+    reranked: chosen by the listener (else the most likely candidate).
+    """
+
+    box: list[float]
+    text: str
+    listener_iou: float
+    log_prob: float
+    grounded_box: list[float] | None
+    candidates: list[SpokenCandidate]
+    reranked: bool
+
+    def to_json(self) -> dict:
+        return {"box": self.box, "text": self.text, "listener_iou": self.listener_iou, "log_prob": self.log_prob,
+                "grounded_box": self.grounded_box, "reranked": self.reranked,
+                "candidates": [{"text": c.text, "log_prob": c.log_prob, "listener_iou": c.listener_iou,
+                                "grounded_box": c.grounded_box} for c in self.candidates]}

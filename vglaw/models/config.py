@@ -176,6 +176,47 @@ class GeneralisedScratchConfig(GeneralisedConfig, ScratchConfig):
 
 
 @dataclass(frozen=True)
+class DescribeFields:
+    """The fields a describing head adds (`vglaw.models.describe`); mixed into a model's config.
+
+    Args:
+        describe_dim: width of the expression decoder.
+        describe_layers: decoder blocks.
+        describe_heads: decoder attention heads.
+        location_tokens: pseudo-tokens a query box becomes in the text features' space.
+        max_words: longest generated expression, in WordPiece tokens (`[SEP]` included).
+        describe_adaptive: the query box drives the backbone through the weight generator, as
+            an expression does (location-adaptive weights); False reads the static backbone
+            (the ablation).
+    """
+
+    describe_dim: int = 256
+    describe_layers: int = 2
+    describe_heads: int = 4
+    location_tokens: int = 4
+    max_words: int = 24
+    describe_adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.describe_dim % self.describe_heads:
+            raise UsageError(f"describe_dim {self.describe_dim} is not divisible by describe_heads "
+                             f"{self.describe_heads}")
+        if self.max_words < 2 or self.location_tokens < 1 or self.describe_layers < 1:
+            raise UsageError("max_words must be >= 2, location_tokens and describe_layers >= 1")
+
+
+@dataclass(frozen=True)
+class DescribingConfig(DescribeFields, VGLAWConfig):
+    """The paper's model with a describing head."""
+
+
+@dataclass(frozen=True)
+class DescribingScratchConfig(DescribeFields, ScratchConfig):
+    """The from-scratch model with a describing head (the shapes describe demo)."""
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     """The config fields a training run may set beyond what `VGLAWModule` sets itself (variant,
     img_size, text_encoder, task, seg_classes): `model.model_args` in a run's YAML, checked by
@@ -204,6 +245,13 @@ class ModelArgs:
     text_cache_size: int | None = None
     # generalised models (`GeneralisedConfig`)
     centre_dim: int | None = None
+    # describing heads (`DescribeFields`)
+    describe_dim: int | None = None
+    describe_layers: int | None = None
+    describe_heads: int | None = None
+    location_tokens: int | None = None
+    max_words: int | None = None
+    describe_adaptive: bool | None = None
 
     def given(self) -> dict[str, Any]:
         """The fields set (not None)."""

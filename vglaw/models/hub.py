@@ -157,7 +157,8 @@ INT_RANGES = {"img_size": (32, 2048), "patch_size": (4, 64), "embed_dim": (16, 2
               "num_heads": (1, 64), "window_size": (0, 256), "groups": (1, 64), "reduction": (1, 64),
               "rank": (1, 256), "lap_dim": (1, 1024), "mask_dim": (1, 2048), "stem_depth": (0, 16),
               "seg_classes": (0, 10_000), "centre_dim": (1, 1024), "text_layers": (1, 48),
-              "text_cache_size": (0, 10_000_000)}
+              "text_cache_size": (0, 10_000_000), "describe_dim": (8, 4096), "describe_layers": (1, 48),
+              "describe_heads": (1, 64), "location_tokens": (1, 64), "max_words": (2, 512)}
 FLOAT_RANGES = {"drop_path_rate": (0.0, 1.0)}
 TEXT_WEIGHTS = (TEXT_DIR, "package")  # the folder's own text_encoder/, or the packaged MiniLM
 

@@ -12,6 +12,7 @@ from vglaw.io.recent import remember_model
 from vglaw.io.safe_pickle import load_torch_file
 from vglaw.models.checkpoint import load_visual_weights
 from vglaw.models.config import ModelArgs, VGLAWConfig
+from vglaw.models.describe import DescribingScratchVGLAW, DescribingVGLAW
 from vglaw.models.generalised import GeneralisedScratchVGLAW, GeneralisedVGLAW
 from vglaw.models.scratch import ScratchVGLAW
 from vglaw.models.vglaw import VGLAW
@@ -39,17 +40,36 @@ VARIANTS: dict[str, tuple[type[VGLAW], dict[str, Any]]] = {
     "vglaw_vitb_gref": (GeneralisedVGLAW, _VITB),
     "vglaw_small_scratch_gref": (GeneralisedScratchVGLAW, {**_SMALL, **_SCRATCH}),
     "vglaw_tiny_scratch_gref": (GeneralisedScratchVGLAW, {**_TINY, **_SCRATCH, "stem_depth": 1, "centre_dim": 32}),
+    # Grounding models with a describing head (referring-expression generation): `vglaw.models.describe`.
+    "vglaw_vitb_describe": (DescribingVGLAW, _VITB),
+    "vglaw_small_scratch_describe": (DescribingScratchVGLAW, {**_SMALL, **_SCRATCH}),
+    "vglaw_tiny_scratch_describe": (DescribingScratchVGLAW, {**_TINY, **_SCRATCH, "stem_depth": 1, "describe_dim": 32,
+                                                             "describe_heads": 2, "describe_layers": 1}),
 }
 
 
 # config.json's "model_class" -> class
 MODEL_CLASSES: dict[str, type[VGLAW]] = {
-    c.__name__: c for c in (VGLAW, ScratchVGLAW, GeneralisedVGLAW, GeneralisedScratchVGLAW)}
+    c.__name__: c for c in (VGLAW, ScratchVGLAW, GeneralisedVGLAW, GeneralisedScratchVGLAW, DescribingVGLAW,
+                            DescribingScratchVGLAW)}
 
 
 def is_generalised(name: str) -> bool:
     """A variant that grounds 0..N objects (gRefCOCO)."""
     return name in VARIANTS and VARIANTS[name][0].generalised
+
+
+def is_describing(name: str) -> bool:
+    """A variant with a describing head (`vglaw.models.describe`)."""
+    return name in VARIANTS and VARIANTS[name][0].describes
+
+
+def monitor_metric(variant: str | None, task: str) -> str:
+    """The validation metric that picks a run's checkpoints: the next-token accuracy of a
+    describing model, gIoU for a generalised one, Prec@0.5 with a box head, else mIoU."""
+    if variant and is_describing(variant):
+        return "word_acc"
+    return "giou" if variant and is_generalised(variant) else "miou" if task == "mask" else "prec@0.5"
 
 
 def list_models() -> list[str]:

@@ -46,6 +46,7 @@ class VGLAW(nn.Module, ModelFolderMixin):
 
     config_class: type[VGLAWConfig] = VGLAWConfig
     generalised = False  # grounds exactly one object; `GeneralisedMixin` models ground 0..N
+    describes = False  # `DescribeMixin` models also describe a region (`vglaw.models.describe`)
 
     def __init__(
         self,

@@ -17,9 +17,9 @@ def initialise_from(model: VGLAW, source: str) -> str:
     """Load the weights of the trained model at `source` (a model folder or hub id) into
     `model`, and say in one line what was loaded, what starts fresh and what was left out.
 
-    The trained model must be of the configured model's class, or of the single-target class
-    a generalised one extends (its weights then start the generalised model, whose centre and
-    existence heads train from their initialisation), with the same architecture.
+    The trained model must be of the configured model's class, or of the class a generalised or
+    describing one extends (its weights then start the extended model, whose added heads train
+    from their initialisation), with the same architecture.
 
     Raises:
         UsageError: another kind of model, another architecture (fields or tensor shapes).
@@ -29,10 +29,12 @@ def initialise_from(model: VGLAW, source: str) -> str:
                          f"export {source} --out FOLDER`), or resume the run itself with --ckpt_path")
     trained = VGLAW.from_pretrained(source)
     src, dst = type(trained), type(model)
-    if not (src is dst or (dst.generalised and not src.generalised and issubclass(dst, src))):
+    extends = issubclass(dst, src) and ((dst.generalised and not src.generalised)
+                                        or (dst.describes and not src.describes))
+    if not (src is dst or extends):
         raise UsageError(f"model.init_from {source} is a {src.__name__} ({trained.config.variant or 'no variant'}) "
                          f"but the configured model is a {dst.__name__} ({model.config.variant}): fine-tune the "
-                         f"same variant" + (", or its generalised form" if not src.generalised else ""))
+                         f"same variant" + (", or its generalised or describing form" if not src.generalised else ""))
     mine, theirs = model.config.to_dict(), trained.config.to_dict()
     differ = sorted(k for k in mine.keys() & theirs.keys() if k not in FREE_FIELDS and mine[k] != theirs[k])
     if differ:

@@ -11,7 +11,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from vglaw.data.datamodule import ReferDataModule
 from vglaw.errors import UsageError
 from vglaw.io.safe_pickle import load_torch_file
-from vglaw.models.loading import is_generalised
+from vglaw.models.loading import is_generalised, monitor_metric
 from vglaw.training.callbacks import AtomicCheckpointIO, Checkpoint, ExportModel, RNGState, run_files
 from vglaw.training.module import VGLAWModule
 from vglaw.training.preflight import check_run
@@ -32,12 +32,8 @@ def count_devices(devices, accelerator: str = "auto") -> int:
 
 
 def monitor_key(task: str, val_splits: list[str] | None, variant: str | None = None) -> str:
-    """The metric that picks the best checkpoint, on the first validation split: gIoU for a
-    generalised model, Prec@0.5 for one with a box head, mIoU for a mask-only model (which logs
-    no Prec@0.5)."""
-    split = (val_splits or ["val"])[0]
-    metric = "giou" if variant and is_generalised(variant) else "miou" if task == "mask" else "prec@0.5"
-    return f"{split}/{metric}"
+    """The metric that picks the best checkpoint (`monitor_metric`), on the first validation split."""
+    return f"{(val_splits or ['val'])[0]}/{monitor_metric(variant, task)}"
 
 
 LOGGING_CALLBACKS = ("LearningRateMonitor",)  # callbacks that refuse a Trainer without a logger

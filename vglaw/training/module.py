@@ -17,10 +17,11 @@ from vglaw.errors import UsageError
 from vglaw.models.checkpoint import load_visual_weights
 from vglaw.models.config import ModelArgs, ScratchConfig
 from vglaw.models.generalised import EXIST_THRESHOLD
-from vglaw.models.loading import VARIANTS, config_from_hparams, model_args_dict
+from vglaw.models.loading import VARIANTS, config_from_hparams, model_args_dict, monitor_metric
 from vglaw.models.postprocess import to_original
 from vglaw.models.text_encoder import DEFAULT_TEXT_ENCODER
 from vglaw.training.calibration import CalibrationPeaks, calibration_samples, fit_platt
+from vglaw.training.describe import DESCRIBE_PARTS, describe_losses
 from vglaw.training.finetune import freeze as freeze_parts
 from vglaw.training.finetune import initialise_from
 from vglaw.training.gmetrics import GeneralisedMetrics, grec_correct
@@ -85,7 +86,12 @@ class VGLAWModule(pl.LightningModule):
             (`vglaw.training.finetune.initialise_from`): fine-tuning.
         freeze: parts kept fixed: "text", "backbone" (its static weights; the language-adaptive
             updates still come from the trained weight generator), "aggregator",
-            "weight_generator", "box_head", "mask_head".
+            "weight_generator", "box_head", "mask_head". With every grounding part fixed, the
+            grounding losses (which would train nothing) are not computed in training.
+        weight_describe: weight of a describing variant's next-token loss
+            (`vglaw.training.describe`); 0 trains no describing head.
+        weight_locate: weight of the box head's grounding of the query box through the
+            location-adapted backbone (a describing variant's auxiliary term).
     """
 
     def __init__(
@@ -118,6 +124,8 @@ class VGLAWModule(pl.LightningModule):
         gamma: float = 0.1,
         init_from: str | None = None,
         freeze: list[str] | None = None,
+        weight_describe: float = 0.0,
+        weight_locate: float = 0.0,
     ) -> None:
         super().__init__()
         model_args = model_args_dict(model_args)  # checkpoints hold plain data: the fields set, as a dict
@@ -153,6 +161,14 @@ class VGLAWModule(pl.LightningModule):
             raise UsageError(f"warmup_start must be in [0, 1], got {warmup_start}")
         if not adam_eps > 0:
             raise UsageError(f"adam_eps must be > 0, got {adam_eps}")
+        if weight_describe < 0 or weight_locate < 0:
+            raise UsageError("weight_describe and weight_locate must be >= 0")
+        if (weight_describe or weight_locate) and not self.model.describes:
+            raise UsageError(f"weight_describe / weight_locate need a variant with a describing head "
+                             f"(e.g. vglaw_small_scratch_describe), not {variant}")
+        # A loss term whose parameters are all fixed trains nothing: skip the grounding pass then.
+        grounding = [p for n, p in self.model.named_parameters() if not n.startswith(DESCRIBE_PARTS)]
+        self.trains_grounding = any(p.requires_grad for p in grounding)
         self.metrics = nn.ModuleDict()
         self._calibrating = False  # collecting box-score calibration peaks (generalised, validation in fit)
         self.calibration_peaks = CalibrationPeaks()
@@ -173,8 +189,14 @@ class VGLAWModule(pl.LightningModule):
                               batch.get("boxes_set"), batch.get("has_target"))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        # The attention supervision needs the box head's pooling map.
-        terms = self._losses(self(batch, return_attention="lap" in self.loss_weights), batch)
+        terms: dict[str, Tensor] = {}
+        if self.trains_grounding:
+            # The attention supervision needs the box head's pooling map.
+            terms = self._losses(self(batch, return_attention="lap" in self.loss_weights), batch)
+        if self.hparams.weight_describe > 0:
+            described = self._describe_losses(batch)
+            loss = described.pop("loss") + terms.pop("loss", 0.0)
+            terms = {**terms, **described, "loss": loss}
         if not torch.isfinite(terms["loss"]):
             bad = [f"{k}={v.item()}" for k, v in terms.items() if k != "loss" and not torch.isfinite(v)]
             raise FloatingPointError(
@@ -185,6 +207,9 @@ class VGLAWModule(pl.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=len(batch["texts"]))
         self.log("loss", terms["loss"], prog_bar=True, logger=False, batch_size=len(batch["texts"]))
         return terms["loss"]
+
+    def _describe_losses(self, batch: dict) -> dict[str, Tensor]:
+        return describe_losses(self.model, batch, self.hparams.weight_describe, self.hparams.weight_locate)
 
     # ---- evaluation -------------------------------------------------------------------------
 
@@ -211,9 +236,8 @@ class VGLAWModule(pl.LightningModule):
 
     @property
     def monitor(self) -> str:
-        """The validation metric that picks checkpoints: gIoU for a generalised model, Prec@0.5
-        with a box head, else mIoU."""
-        return "giou" if self.generalised else "prec@0.5" if self.hparams.task in ("both", "box") else "miou"
+        """The validation metric that picks checkpoints (`monitor_metric`)."""
+        return monitor_metric(self.hparams.variant, self.hparams.task)
 
     @torch.no_grad()
     def measure(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
@@ -249,6 +273,10 @@ class VGLAWModule(pl.LightningModule):
         terms = self._losses(outputs, batch)
         self.log(f"{split}/loss", terms["loss"], batch_size=len(batch["texts"]), add_dataloader_idx=False,
                  sync_dist=True)
+        if self.hparams.weight_describe > 0:
+            described = self._describe_losses(batch)
+            self.log_dict({f"{split}/{k}": described[k] for k in ("describe", "word_acc")},
+                          batch_size=len(batch["texts"]), add_dataloader_idx=False, sync_dist=True)
         self.metrics[split].update(batch["index"], **self.measure(outputs, batch))
 
     def _log_metrics(self) -> None:

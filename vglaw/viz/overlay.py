@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vglaw.data.transforms import resize_mask_nearest
-from vglaw.inference.results import Grounding
+from vglaw.inference.results import Description, Grounding
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
@@ -55,6 +55,37 @@ def draw_overlay(image: np.ndarray, results: list[Grounding]) -> Image.Image:
         elif r.score is not None:
             label += f" ({r.score:.2f})"
         x = max(0, min(x, out.width - draw.textlength(label)))  # keep the label inside the picture
+        left, top, right, bottom = draw.textbbox((x, y), label)
+        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
+        draw.text((x, y), label, fill=colour)
+    return out
+
+
+def draw_descriptions(image: np.ndarray, descriptions: list[Description], size: tuple[int, int]) -> Image.Image:
+    """The picture with each query box (thick) in its own colour, the box the model grounds its
+    expression back to (thin), and the expression with its listener IoU.
+
+    `size` is the original image's (h, w), whose pixels the boxes are in; `image` may be a
+    smaller working copy. Small pictures are enlarged as in `draw_overlay`.
+    """
+    H, W = image.shape[:2]
+    out = Image.fromarray(image)
+    zoom = max(1, math.ceil(OVERLAY_MIN_SIDE / max(H, W)))
+    if zoom > 1:
+        out = out.resize((W * zoom, H * zoom), Image.NEAREST)
+    draw = ImageDraw.Draw(out)
+    width = max(1, round(max(out.size) / 200))
+    fx, fy = out.width / size[1], out.height / size[0]
+    scale = lambda b: [b[0] * fx, b[1] * fy, b[2] * fx, b[3] * fy]  # noqa: E731
+    for k, d in enumerate(descriptions):
+        colour = PALETTE[k % len(PALETTE)]
+        box = scale(d.box)
+        draw.rectangle(box, outline=colour, width=2 * width)
+        if d.grounded_box is not None:
+            draw.rectangle(scale(d.grounded_box), outline=(255, 255, 255), width=max(1, width // 2))
+        label = f"{' '.join(d.text.split()) or '(empty)'} (IoU {d.listener_iou:.2f})"
+        x = max(0, min(box[0], out.width - draw.textlength(label)))
+        y = max(0, box[1] - 12)
         left, top, right, bottom = draw.textbbox((x, y), label)
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
         draw.text((x, y), label, fill=colour)

@@ -7,7 +7,8 @@ import vglaw
 from vglaw.errors import UsageError
 from vglaw.models.loading import VARIANTS, is_generalised, variant_config
 
-LARGE = {"vglaw_vitb", "vglaw_vitb_gref", "vglaw_vitb_describe"}  # ViT-B + a 6-layer BERT: seconds to build and write (make test-all)
+# ViT-B + a 6-layer BERT: seconds to build and write (make test-all)
+LARGE = {"vglaw_vitb", "vglaw_vitb_gref", "vglaw_vitb_describe"}
 
 
 def small_side(name: str) -> int:

@@ -23,9 +23,9 @@ from vglaw.data.refer import load_image, rgb_array
 from vglaw.data.text import check_expression, warn_truncated
 from vglaw.data.transforms import GroundingTransform
 from vglaw.errors import ModelOutputError, UsageError, UserError
+from vglaw.inference.describing import check_boxes, choose, listener_ious, propose, to_input_boxes
 from vglaw.inference.loading import load_model, resolve_device
 from vglaw.inference.onnx import OnnxModel
-from vglaw.inference.describing import check_boxes, choose, listener_ious, propose, to_input_boxes
 from vglaw.inference.results import Attention, Description, Grounding, PairError, SpokenCandidate
 from vglaw.models.generalised import EXIST_THRESHOLD
 from vglaw.models.postprocess import to_original

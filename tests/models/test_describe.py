@@ -262,3 +262,44 @@ def test_expression_metrics_equal_pycocoevalcap_and_count_each_region_once():
     same.update(torch.tensor([0]), ["the small red circle"], [["the small red circle"]], torch.tensor([1.0]))
     scores = same.compute()
     assert float(scores["bleu4"]) == pytest.approx(1.0, abs=1e-6) and float(scores["rouge_l"]) == 1.0
+
+
+@pytest.mark.parametrize("name", ["describe_shapes", "describe_refcocog"])
+def test_describe_configs_parse(name, tmp_path, capsys):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(config), f"--data.data_root={tmp_path}", "--print_config"])
+    printed = capsys.readouterr().out
+    assert exit_.value.code == 0 and "_describe" in printed and "weight_describe: 1.0" in printed
+
+
+def test_serve_describe_mode_clicks_regions_and_answers(shapes_root, tmp_path):
+    """The page's describe handler (`vglaw.commands.serve.describe`) and its two-click regions,
+    without the browser; bad regions are messages."""
+    import threading
+
+    from vglaw.commands.serve import add_corner, describe
+    from vglaw.errors import UserError
+    from vglaw.inference import Grounder
+
+    regions, pending = add_corner("", None, (30, 5))
+    assert regions == "" and pending == [30, 5]
+    regions, pending = add_corner(regions, pending, (4, 40))
+    assert regions == "4,5,30,40" and pending is None
+    regions, _ = add_corner(regions, *add_corner(regions, None, (50, 50))[1:], (60, 62))
+    assert regions.splitlines() == ["4,5,30,40", "50,50,60,62"]
+
+    torch.manual_seed(0)
+    grounder, lock = Grounder(create_model("vglaw_tiny_scratch_describe")), threading.Lock()
+    image = str(sorted((shapes_root / "images" / "shapes").glob("test_*.png"))[0])
+    overlay, report = describe(grounder, lock, image, regions, 2)
+    assert [r["box"] for r in report["results"]] == [[4, 5, 30, 40], [50, 50, 60, 62]]
+    assert all(len(r["candidates"]) == 2 and 0 <= r["listener_iou"] <= 1 for r in report["results"])
+    with pytest.raises(UserError, match="outside"):
+        describe(grounder, lock, image, "0,0,9999,10", 2)
+    with pytest.raises(UserError, match="expected x1,y1,x2,y2"):
+        describe(grounder, lock, image, "1,2,3", 2)
+    with pytest.raises(UserError, match="click two corners"):
+        describe(grounder, lock, image, "", 2)

@@ -4,7 +4,9 @@
 
 Upload or pick an image, type one or more expressions (one per line), and see the overlay
 (masks, boxes, labels, scores), the results as JSON and, on request, the explanation figures
-(block x word language weights, pooling or centre map). The model is loaded once; requests
+(block x word language weights, pooling or centre map). A model with a describing head also
+gets a "Describe" tab: click two corners of a region (or type x1,y1,x2,y2 lines) and the model
+writes an expression for each region, grounds it back and shows its listener IoU. The model is loaded once; requests
 run one at a time on it, each with its own inputs and outputs. Images up to the reader's
 limit (250 MP) are accepted and read at a bounded working size.
 """
@@ -87,6 +89,54 @@ def ground(grounder, lock: threading.Lock, image_path: str | None, texts: str, e
     return overlay, report, figures, note
 
 
+MAX_REGIONS = 8  # described per request
+
+
+def parse_regions(text: str) -> list[list[float]]:
+    """"x1,y1,x2,y2" lines -> boxes (one `UsageError` naming a bad line)."""
+    boxes = []
+    for line in (text or "").splitlines():
+        if not line.strip():
+            continue
+        try:
+            box = [float(v) for v in line.replace(" ", "").split(",")]
+        except ValueError:
+            box = []
+        if len(box) != 4:
+            raise UsageError(f"region {line.strip()!r}: expected x1,y1,x2,y2 in pixels")
+        boxes.append(box)
+    if not boxes:
+        raise UsageError("click two corners of a region on the image, or type x1,y1,x2,y2 (one region per line)")
+    if len(boxes) > MAX_REGIONS:
+        raise UsageError(f"{len(boxes)} regions in one request; the page describes up to {MAX_REGIONS} at a time")
+    return boxes
+
+
+def describe(grounder, lock: threading.Lock, image_path: str | None, regions: str, candidates: int) -> tuple:
+    """One describe request: (overlay, JSON results), or a `UserError` (a bad or outside box)."""
+    from vglaw.inference import prepare_image
+    from vglaw.viz.overlay import draw_descriptions
+
+    if not image_path:
+        raise UsageError("upload an image first (or pick an example)")
+    boxes = parse_regions(regions)
+    array, size = prepare_image(image_path)
+    with lock:
+        results = grounder.describe_decoded(array, size, boxes, int(candidates))
+    report = {"width": size[1], "height": size[0], "box_format": "xyxy", "results": [r.to_json() for r in results]}
+    return draw_descriptions(array, results, size), report
+
+
+def add_corner(regions: str, pending: list | None, corner: tuple[float, float]) -> tuple[str, list | None]:
+    """A click on the image: the first corner is remembered, the second closes a region, which
+    is appended to the regions text as x1,y1,x2,y2."""
+    if not pending:
+        return regions, [corner[0], corner[1]]
+    (x1, x2), (y1, y2) = sorted((pending[0], corner[0])), sorted((pending[1], corner[1]))
+    line = f"{x1:.0f},{y1:.0f},{x2:.0f},{y2:.0f}"
+    return ((regions or "").rstrip("\n") + "\n" + line).lstrip("\n"), None
+
+
 def image_input(**kwargs):
     """The page's image input: it hands the request the uploaded file itself, as `vglaw predict`
     reads it.
@@ -133,7 +183,39 @@ def build_app(grounder, examples: list[list[str]] | None = None):
             gr.Examples(examples=examples, inputs=[image, texts], label="shapes test images")
         button.click(run, inputs=[image, texts, explain], outputs=[overlay, report, gallery, note],
                      concurrency_limit=1)
+        if grounder.model.describes:
+            describe_tab(gr, grounder, lock, image)
     return app
+
+
+def describe_tab(gr, grounder, lock: threading.Lock, image) -> None:
+    """The describe mode: regions clicked on (or typed for) the same image, each described."""
+    pending = gr.State(None)
+
+    def run(image_path, regions, candidates):
+        try:
+            return describe(grounder, lock, image_path, regions, candidates)
+        except UserError as err:
+            raise gr.Error(str(err)) from err
+
+    def click(regions, corner, evt: gr.SelectData):
+        return add_corner(regions, corner, tuple(evt.index))
+
+    # Gradio finds its event argument by the annotation's type; this module's annotations are strings.
+    click.__annotations__["evt"] = gr.SelectData
+
+    gr.Markdown("### Describe a region\nClick two opposite corners of a region on the image above (or type "
+                "x1,y1,x2,y2, one region per line): the model writes an expression for it and grounds it back.")
+    with gr.Row():
+        with gr.Column():
+            regions = gr.Textbox(lines=2, label="regions (x1,y1,x2,y2 per line)", elem_id="regions")
+            candidates = gr.Slider(1, 10, value=5, step=1, label="candidates per region", elem_id="candidates")
+            button = gr.Button("Describe", elem_id="describe")
+        with gr.Column():
+            overlay = gr.Image(type="pil", label="descriptions", elem_id="described", interactive=False)
+            report = gr.JSON(label="descriptions (original pixels)", elem_id="described_json")
+    image.select(click, inputs=[regions, pending], outputs=[regions, pending])
+    button.click(run, inputs=[image, regions, candidates], outputs=[overlay, report], concurrency_limit=1)
 
 
 def main(argv: list[str]) -> int:

@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from vglaw.commands import PRECISION_HELP, PRECISIONS
 from vglaw.errors import UsageError
 from vglaw.io.atomic import check_output, write_text
 
@@ -30,7 +31,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="also write the table as JSON here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="run the ablation at this precision: " + PRECISION_HELP)
+    parser.add_argument("--precisions", default=None,
+                        help="instead of the ablation: the split as trained at each of these precisions "
+                        "(comma-separated, e.g. fp32,bf16,int8) with the largest box deviation from fp32 in pixels")
     args = parser.parse_args(argv)
+    compare = [p.strip() for p in args.precisions.split(",") if p.strip()] if args.precisions else []
+    unknown = [p for p in compare if p not in PRECISIONS]
+    if unknown or (args.precisions is not None and not compare):
+        raise UsageError(f"--precisions {args.precisions!r}: give some of {', '.join(PRECISIONS)}, comma-separated")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
@@ -41,7 +51,7 @@ def main(argv: list[str]) -> int:
     from vglaw.data.grefer import reader_for
     from vglaw.data.transforms import GroundingTransform
     from vglaw.inference import load_model, resolve_device, resolve_model
-    from vglaw.inference.ablation import ablate, to_markdown
+    from vglaw.inference.ablation import ablate, compare_precisions, precision_markdown, to_markdown
 
     source = resolve_model(args.model)
     if str(source).endswith(".onnx"):
@@ -52,8 +62,12 @@ def main(argv: list[str]) -> int:
     dataset = reader_for(args.dataset, generalised=False)(args.data_root, args.dataset, args.split, args.split_by,
                                                           transform=GroundingTransform(model.img_size,
                                                                                        keep_original=True))
-    table = ablate(model, dataset, args.batch_size, args.limit)
-    md = to_markdown(table)
+    if compare:
+        table = compare_precisions(model, dataset, compare, args.batch_size, args.limit)
+        md = precision_markdown(table)
+    else:
+        table = ablate(model, dataset, args.batch_size, args.limit, precision=args.precision)
+        md = to_markdown(table)
     print(f"{args.dataset} {args.split}, {len(dataset) if not args.limit else min(args.limit, len(dataset))} "
           f"sentences, model {model.source or args.model}\n\n{md}")
     if args.out:

@@ -16,6 +16,7 @@ import json
 import math
 from pathlib import Path
 
+from vglaw.commands import PRECISION_HELP, PRECISIONS
 from vglaw.errors import MissingFileError, UsageError
 from vglaw.io.atomic import atomic_write, check_output, save_image, slug
 
@@ -109,6 +110,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-captions", action="store_true", help="evaluation: skip the caption metrics "
                         "(they need Java)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help=PRECISION_HELP)
     args = parser.parse_args(argv)
     if bool(args.image) == bool(args.dataset):
         raise UsageError("give --image with --box (describe regions), or --dataset (evaluate on a split)")
@@ -132,7 +134,7 @@ def main(argv: list[str]) -> int:
     # the library (torch) loads once the arguments and outputs are checked: --help answers without it
     from vglaw.inference import Grounder, resolve_device, resolve_model
 
-    grounder = Grounder(resolve_model(args.model), device=resolve_device(args.device))
+    grounder = Grounder(resolve_model(args.model), device=resolve_device(args.device), precision=args.precision)
     if not grounder.model.describes:
         raise UsageError(f"the model {grounder.model.source or args.model} has no describing head: train one "
                          "with a describing variant (configs/describe_shapes.yaml, `make demo-describe`)")

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from vglaw.commands import PRECISION_HELP, PRECISIONS
 from vglaw.errors import MissingFileError, OutputError, UsageError
 from vglaw.io.atomic import atomic_write, check_output, free_name, save_image, slug
 
@@ -216,6 +217,7 @@ def main(argv: list[str]) -> int:
                         help="replace outputs named by --out, --json-out, --output or in --overlays that exist")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help=PRECISION_HELP)
     args = parser.parse_args(argv)
     batch = bool(args.pairs or args.images)
     if batch == bool(args.image) or (args.image and not args.text) or (args.pairs and args.images):
@@ -238,7 +240,7 @@ def main(argv: list[str]) -> int:
     # the library (torch) loads once the arguments and outputs are checked: --help answers without it
     from vglaw.inference import Grounder, resolve_device, resolve_model
 
-    grounder = Grounder(resolve_model(args.model), resolve_device(args.device))
+    grounder = Grounder(resolve_model(args.model), resolve_device(args.device), precision=args.precision)
     if batch:
         return predict_many(args, grounder, pairs, bad, output, overlays)
     return predict_one(args, grounder, out, figures)

@@ -17,6 +17,7 @@ import json
 import threading
 from pathlib import Path
 
+from vglaw.commands import PRECISION_HELP, PRECISIONS
 from vglaw.errors import UsageError, UserError
 
 
@@ -226,6 +227,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     parser.add_argument("--data", default="data", help="where the shapes datasets are, for the examples")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help=PRECISION_HELP)
     args = parser.parse_args(argv)
     try:
         import gradio  # noqa: F401
@@ -233,7 +235,7 @@ def main(argv: list[str]) -> int:
         raise UsageError("vglaw serve needs Gradio: pip install -e '.[serve]' (make setup installs it)") from err
     from vglaw.inference import Grounder, resolve_model
 
-    grounder = Grounder(resolve_model(args.model), args.device)
+    grounder = Grounder(resolve_model(args.model), args.device, precision=args.precision)
     app = build_app(grounder, demo_examples(grounder.model, args.data))
     print(f"vglaw serve: http://{args.host}:{args.port}  (Ctrl+C to stop)")
     app.launch(server_name=args.host, server_port=args.port, show_error=True)

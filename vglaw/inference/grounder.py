@@ -26,6 +26,7 @@ from vglaw.errors import ModelOutputError, UsageError, UserError
 from vglaw.inference.describing import check_boxes, choose, listener_ious, propose, to_input_boxes
 from vglaw.inference.loading import load_model, resolve_device
 from vglaw.inference.onnx import OnnxModel
+from vglaw.inference.precision import autocast, check_precision, with_precision
 from vglaw.inference.results import Attention, Description, Grounding, PairError, SpokenCandidate
 from vglaw.models.generalised import EXIST_THRESHOLD
 from vglaw.models.postprocess import to_original
@@ -65,12 +66,22 @@ class Grounder:
         model: a model folder, a hub id, a training `.ckpt`, an `.onnx` export or a model.
         device: where to run ("cpu", "cuda", ...).
         max_tokens: expressions are truncated to this many tokens (with a warning).
+        precision: "fp32", "bf16" (autocast) or "int8" (dynamic quantisation, CPU), as
+            `vglaw.inference.precision` describes; an ONNX export runs as it was exported.
     """
 
-    def __init__(self, model: Any, device: str | torch.device = "cpu", max_tokens: int = MAX_TOKENS) -> None:
+    def __init__(self, model: Any, device: str | torch.device = "cpu", max_tokens: int = MAX_TOKENS,
+                 precision: str = "fp32") -> None:
+        self.precision = check_precision(precision)
         self.model = load_model(model, device)
         # An ONNX model runs where ONNX Runtime's provider does; a PyTorch model where it was put.
         self.device = self.model.device if isinstance(self.model, OnnxModel) else resolve_device(device)
+        if isinstance(self.model, OnnxModel):
+            if precision != "fp32":
+                raise UsageError(f"precision {precision}: an ONNX file runs as it was exported; quantise the export "
+                                 "instead (vglaw export --onnx MODEL --quantize int8)")
+        else:
+            self.model = with_precision(self.model, precision, self.device)
         self.img_size = self.model.img_size
         self.tokenizer = load_tokenizer(self.model.tokenizer_source)
         self.max_tokens = max_tokens
@@ -114,8 +125,9 @@ class Grounder:
                                              for p in items]),
                   "attention_mask": torch.tensor([[1] * len(p.ids) + [0] * (length - len(p.ids)) for p in items])}
         images = torch.stack([p.sample["image"] for p in items]).to(self.device)
-        outputs = self.model(images, tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device),
-                             return_attention=return_attention)
+        with autocast(self.precision, self.device):
+            outputs = self.model(images, tokens["input_ids"].to(self.device),
+                                 tokens["attention_mask"].to(self.device), return_attention=return_attention)
         scale, pad, orig = (torch.stack([p.sample[k] for p in items]).to(self.device)
                             for k in ("scale", "pad", "orig_size"))
         bad = [k for k, v in outputs.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -242,8 +254,9 @@ class Grounder:
         query = torch.tensor(boxes, dtype=torch.float32)  # (N, 4) original pixels
         inputs = to_input_boxes(query, sample["scale"], sample["pad"], self.img_size).to(self.device)
         images = sample["image"][None].expand(len(boxes), -1, -1, -1).to(self.device)  # (N, 3, S, S)
-        proposals = propose(self.model, images, inputs, self.tokenizer.cls_token_id, self.tokenizer.sep_token_id,
-                            candidates, strategy, seed, temperature)
+        with autocast(self.precision, self.device):
+            proposals = propose(self.model, images, inputs, self.tokenizer.cls_token_id,
+                                self.tokenizer.sep_token_id, candidates, strategy, seed, temperature)
         texts = [[self.tokenizer.decode(list(c.ids), skip_special_tokens=True) for c in cands] for cands in proposals]
         # The listener: every candidate grounded in the same letterboxed image, in batches.
         items, where = [], []

@@ -49,14 +49,24 @@ class AdaptiveLinear(nn.Linear):
             x: input, batch first.
             low_rank: None for the static weight, else (down (B, C_in, r), up (r, C_out)).
         """
-        out = super().forward(x)
-        if low_rank is None:
-            return out
-        down, up = low_rank
-        B = x.shape[0]
-        flat = x.reshape(B, -1, x.shape[-1])  # (B, N, C_in)
-        out = torch.baddbmm(out.reshape(B, flat.shape[1], -1), flat @ down, up.expand(B, -1, -1))  # (B, N, C_out)
-        return out.view(*x.shape[:-1], -1)
+        return add_low_rank(super().forward(x), x, low_rank)
+
+
+def add_low_rank(out: Tensor, x: Tensor, low_rank: LowRank | None) -> Tensor:
+    """The static projection `out` = x·W0ᵀ + bias plus the per-sample update (x·down)·up.
+
+    Args:
+        out: (B, ..., C_out) the static projection of `x`.
+        x: (B, ..., C_in) its input.
+        low_rank: None (out unchanged), else (down (B, C_in, r), up (r, C_out)).
+    """
+    if low_rank is None:
+        return out
+    down, up = low_rank
+    B = x.shape[0]
+    flat = x.reshape(B, -1, x.shape[-1])  # (B, N, C_in)
+    out = torch.baddbmm(out.reshape(B, flat.shape[1], -1), flat @ down, up.expand(B, -1, -1))  # (B, N, C_out)
+    return out.view(*x.shape[:-1], -1)
 
 
 class Attention(nn.Module):

@@ -126,3 +126,29 @@ def test_predict_through_onnxruntime_equals_pytorch(tiny_ckpt, shapes_root, tmp_
         err = capsys.readouterr().err
         assert "Traceback" not in err and f"{bad}: metadata" in err and needle in err, (key, value, err)
     assert not (tmp_path / "new.png").exists()
+
+
+def test_int8_onnx_export_passes_its_own_check_and_predicts(tiny_ckpt, shapes_root, tmp_path, tokenizer, capsys):
+    """`vglaw export --onnx --quantize int8`: a smaller graph with int8 weights, checked against
+    the float32 model with the int8 bounds, that `vglaw predict` runs."""
+    import onnx
+
+    from vglaw.inference.export import INT8_BOX_TOLERANCE, INT8_MASK_DISAGREEMENT, check_onnx
+    from vglaw.models.vglaw import VGLAW
+
+    assert main(["export", str(tiny_ckpt), "--out", str(tmp_path / "model")]) == 0
+    assert main(["export", "--onnx", str(tmp_path / "model"), "--out", str(tmp_path / "fp32.onnx")]) == 0
+    assert main(["export", "--onnx", str(tmp_path / "model"), "--out", str(tmp_path / "int8.onnx"),
+                 "--quantize", "int8"]) == 0
+    assert "checked against PyTorch float32" in capsys.readouterr().out
+    graph = onnx.load(str(tmp_path / "int8.onnx"))
+    assert {p.key: p.value for p in graph.metadata_props}["vglaw_quantized"] == "int8"
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in graph.graph.node)
+    report = check_onnx(tmp_path / "int8.onnx", VGLAW.from_pretrained(tmp_path / "model"), tokenizer,
+                        box_tolerance=INT8_BOX_TOLERANCE, mask_disagreement=INT8_MASK_DISAGREEMENT)
+    assert report["max_abs/boxes"] <= INT8_BOX_TOLERANCE and report["mask_disagreement"] <= INT8_MASK_DISAGREEMENT
+    image = next((shapes_root / "images" / "shapes").glob("test_*.png"))
+    assert main(["predict", "--image", str(image), "--text", "the red circle", "--model",
+                 str(tmp_path / "int8.onnx"), "--out", str(tmp_path / "o.png"), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 1
+    assert main(["export", str(tiny_ckpt), "--out", str(tmp_path / "m2"), "--quantize", "int8"]) == 2

@@ -4,6 +4,7 @@
     vglaw predict --pairs pairs.jsonl [--output predictions.jsonl] [--overlays DIR]
                   [--format jsonl|labelstudio|coco]
     vglaw predict --images FOLDER --texts expressions.txt [--output predictions.jsonl]
+    vglaw predict --pairs BIG.jsonl --devices N [--num-nodes M] [--workers W]   (sharded, resumable)
 
 With no --model, the most recent model folder `make demo`, `vglaw fit` or `vglaw export` wrote.
 """
@@ -158,6 +159,23 @@ def predict_many(args, grounder, pairs: list, bad: list, output: Path, overlays:
     return 0 if done or not (pairs or bad) else 2
 
 
+def predict_sharded_command(args, pairs: list, bad: list, output: Path) -> int:
+    from vglaw.inference import Grounder, resolve_model
+    from vglaw.inference.sharded import parts_folder, predict_sharded
+
+    folder = parts_folder(output)
+    if folder.is_dir():
+        print(f"vglaw predict: resuming from {folder} (the pairs already written there are skipped)", file=sys.stderr)
+    grounder = Grounder(resolve_model(args.model), "cpu", precision=args.precision)  # Lightning places it
+    summary = predict_sharded(grounder, [(n, image, text) for n, image, text in pairs], bad, output, args.devices,
+                              args.num_nodes, args.batch_size, args.workers)
+    if summary is None:  # another process than the first: it wrote its parts
+        return 0
+    resumed = f" ({summary['resumed']} of them from an earlier run)" if summary["resumed"] else ""
+    print(f"{summary['grounded']} pairs grounded, {summary['skipped']} skipped{resumed}; results in {output}")
+    return 0 if summary["grounded"] or not (pairs or bad) else 2
+
+
 def predict_one(args, grounder, out: Path, figures: list[Path]) -> int:
     from vglaw.inference import prepare_image
     from vglaw.viz.explain import explain_figure
@@ -216,6 +234,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs named by --out, --json-out, --output or in --overlays that exist")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--devices", default=None,
+                        help="batch mode: shard the pairs over this many processes per node (GPUs, or CPU "
+                        "processes) with Lightning's trainer.predict; resumable, merged in the input order")
+    parser.add_argument("--num-nodes", type=int, default=1, help="with --devices: nodes (e.g. under srun / torchrun)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="with --devices: DataLoader workers per process that decode the images")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help=PRECISION_HELP)
     args = parser.parse_args(argv)
@@ -226,6 +250,17 @@ def main(argv: list[str]) -> int:
         raise UsageError("--format applies to batch mode (--pairs or --images); --json gives one image's results")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.devices is not None:
+        if not batch:
+            raise UsageError("--devices shards batch mode (--pairs or --images); one image runs in one process")
+        if args.format != "jsonl" or args.overlays:
+            raise UsageError("--devices writes JSON lines (--format jsonl) without --overlays")
+        if args.device is not None:
+            raise UsageError("give --device (one process) or --devices (Lightning places the processes), not both")
+        if not (args.devices.isdigit() and int(args.devices) >= 1) and args.devices not in ("auto", "-1"):
+            raise UsageError(f"--devices {args.devices}: a number of processes per node, or auto")
+        if args.num_nodes < 1 or args.workers < 0:
+            raise UsageError("--num-nodes must be >= 1 and --workers >= 0")
     if args.image:
         from vglaw.data.text import check_expression
 
@@ -240,6 +275,8 @@ def main(argv: list[str]) -> int:
     # the library (torch) loads once the arguments and outputs are checked: --help answers without it
     from vglaw.inference import Grounder, resolve_device, resolve_model
 
+    if args.devices is not None:
+        return predict_sharded_command(args, pairs, bad, output)
     grounder = Grounder(resolve_model(args.model), resolve_device(args.device), precision=args.precision)
     if batch:
         return predict_many(args, grounder, pairs, bad, output, overlays)

@@ -59,33 +59,20 @@ def prepare_image(image: Any) -> tuple[np.ndarray, tuple[int, int]]:
     return np.ascontiguousarray(rgb_array(image, "the image", WORKING_SIDE)), (image.height, image.width)
 
 
-class Grounder:
-    """Ground referring expressions in images with a trained model.
+class Preprocessor:
+    """What the model reads, made from an image and an expression without the model: the
+    tokenizer and the letterbox (picklable, so DataLoader workers prepare pairs with it).
 
     Args:
-        model: a model folder, a hub id, a training `.ckpt`, an `.onnx` export or a model.
-        device: where to run ("cpu", "cuda", ...).
+        tokenizer_source: the text encoder's tokenizer (a folder or a hub id).
+        img_size: the model's input side S.
         max_tokens: expressions are truncated to this many tokens (with a warning).
-        precision: "fp32", "bf16" (autocast) or "int8" (dynamic quantisation, CPU), as
-            `vglaw.inference.precision` describes; an ONNX export runs as it was exported.
     """
 
-    def __init__(self, model: Any, device: str | torch.device = "cpu", max_tokens: int = MAX_TOKENS,
-                 precision: str = "fp32") -> None:
-        self.precision = check_precision(precision)
-        self.model = load_model(model, device)
-        # An ONNX model runs where ONNX Runtime's provider does; a PyTorch model where it was put.
-        self.device = self.model.device if isinstance(self.model, OnnxModel) else resolve_device(device)
-        if isinstance(self.model, OnnxModel):
-            if precision != "fp32":
-                raise UsageError(f"precision {precision}: an ONNX file runs as it was exported; quantise the export "
-                                 "instead (vglaw export --onnx MODEL --quantize int8)")
-        else:
-            self.model = with_precision(self.model, precision, self.device)
-        self.img_size = self.model.img_size
-        self.tokenizer = load_tokenizer(self.model.tokenizer_source)
-        self.max_tokens = max_tokens
-        self.transform = GroundingTransform(self.img_size)
+    def __init__(self, tokenizer_source: str, img_size: int, max_tokens: int = MAX_TOKENS) -> None:
+        self.tokenizer = load_tokenizer(tokenizer_source)
+        self.img_size, self.max_tokens = img_size, max_tokens
+        self.transform = GroundingTransform(img_size)
 
     def prepare(self, image: np.ndarray, size: tuple[int, int], text: str) -> Prepared:
         """Clean and tokenise the expression (once) and letterbox a working-size image; the
@@ -116,6 +103,34 @@ class Grounder:
         sample["scale"] = torch.tensor([new_w / size[1], new_h / size[0]], dtype=torch.float32)
         sample["orig_size"] = torch.tensor(size)
         return sample
+
+
+
+class Grounder(Preprocessor):
+    """Ground referring expressions in images with a trained model.
+
+    Args:
+        model: a model folder, a hub id, a training `.ckpt`, an `.onnx` export or a model.
+        device: where to run ("cpu", "cuda", ...).
+        max_tokens: expressions are truncated to this many tokens (with a warning).
+        precision: "fp32", "bf16" (autocast) or "int8" (dynamic quantisation, CPU), as
+            `vglaw.inference.precision` describes; an ONNX export runs as it was exported.
+    """
+
+    def __init__(self, model: Any, device: str | torch.device = "cpu", max_tokens: int = MAX_TOKENS,
+                 precision: str = "fp32") -> None:
+        self.precision = check_precision(precision)
+        self.model = load_model(model, device)
+        # An ONNX model runs where ONNX Runtime's provider does; a PyTorch model where it was put.
+        self.device = self.model.device if isinstance(self.model, OnnxModel) else resolve_device(device)
+        if isinstance(self.model, OnnxModel):
+            if precision != "fp32":
+                raise UsageError(f"precision {precision}: an ONNX file runs as it was exported; quantise the export "
+                                 "instead (vglaw export --onnx MODEL --quantize int8)")
+        else:
+            self.model = with_precision(self.model, precision, self.device)
+        self.img_size = self.model.img_size
+        super().__init__(self.model.tokenizer_source, self.img_size, max_tokens)
 
     @torch.no_grad()
     def run(self, items: list[Prepared], return_attention: bool = False) -> list[Grounding]:

@@ -52,9 +52,30 @@ def to_markdown(r: dict) -> str:
                 lines.append(f"| {o['model']} @ {o['img_size']} | {o['export_s']:.0f} s, {o['onnx_mb']:.0f} MB | "
                              f"{batch} | {_t(row['torch'], 1e3, 0, ' ms')} | {_t(row['onnxruntime'], 1e3, 0, ' ms')} | "
                              f"{row['ort_over_torch']['text']} | {batch / row['onnxruntime']['median_s']:.2f} |")
+    if r.get("cpu_precision"):
+        lines += ["", *precision_lines(r["cpu_precision"])]
     if r["gpu"]:
         lines += ["", f"GPU ({r['gpu']['device']}):", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in r["gpu"].items()]
     else:
         lines += ["", "GPU: none present in this run."]
     return "\n".join(lines)
+
+
+def precision_lines(c: dict) -> list[str]:
+    """The `cpu_precision` section as Markdown lines."""
+    pk = c["peak"]
+    lines = [f"Precision on the CPU ({pk['cpu']}, {pk['cores']} threads; flags: {', '.join(pk['flags'])}; "
+             f"fp32 peak {pk['peak_gflops']:.0f} GFLOP/s = {pk['cores']} cores x {pk['ghz']:.2f} GHz x "
+             f"{pk['fp32_flops_per_cycle']} FLOPs/cycle). Time, and speed-up over PyTorch fp32 eager "
+             "(round by round, median (min–max)):", "",
+             "| model | batch | fp32 eager | fp32 % of peak | bf16 | int8 | ORT fp32 | ORT int8 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in c["models"]:
+        for key in (k for k in m if k.startswith("b") and k[1:].isdigit()):
+            row = m[key]
+            cell = lambda k, row=row: (f"{_t(row[k], 1e3, 0, ' ms')}, x{row[k]['speedup']['text']}")  # noqa: E731
+            lines.append(f"| {m['model']} @ {m['img_size']} | {key[1:]} | {_t(row['torch_fp32'], 1e3, 0, ' ms')} | "
+                         f"{100 * row['fp32_share_of_peak']:.0f}% | {cell('torch_bf16')} | {cell('torch_int8')} | "
+                         f"{cell('ort_fp32')} | {cell('ort_int8')} |")
+    return lines

@@ -217,6 +217,63 @@ def onnx_comparison(name: str, batches: tuple[int, ...], repeats: int) -> dict:
     return {"model": name, "img_size": model.img_size, "export_s": export_s, "onnx_mb": size_mb, **rows}
 
 
+def cpu_peak() -> dict:
+    """The CPU's fp32 peak as derived here: cores x clock x fp32 FLOPs per cycle, with 2 FMA
+    pipes of 8 fp32 lanes (AVX2: 32 FLOPs per cycle) or of 16 lanes (AVX-512: 64; a part that
+    splits 512-bit operations in two, as Zen 4 does, reaches half of that). The clock is the
+    one /proc/cpuinfo reports (a virtual machine's base clock; boost is not counted)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    mhz = next((float(ln.split(":", 1)[1]) for ln in info.splitlines() if ln.startswith("cpu MHz")), float("nan"))
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 8
+    cores = torch.get_num_threads()
+    return {"cpu": name, "ghz": mhz / 1e3, "cores": cores, "fp32_flops_per_cycle": per_cycle,
+            "peak_gflops": cores * mhz / 1e3 * per_cycle,
+            "flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8",
+                                     "avx_vnni"})}
+
+
+def cpu_precision(names: tuple[str, ...], batches: tuple[int, ...], repeats: int) -> dict:
+    """Each precision side by side, interleaved: PyTorch fp32 (eager), bf16 (autocast), int8
+    (dynamic quantisation) and ONNX Runtime fp32 and int8, with each one's speed-up over fp32
+    eager round by round, and fp32's share of the CPU's peak (`cpu_peak`)."""
+    from vglaw.inference.precision import autocast, quantize_int8
+
+    peak = cpu_peak()
+    out = {"peak": peak, "models": []}
+    for name in names:
+        model = build(name).eval()
+        int8 = quantize_int8(model)
+        flops = count_flops(lambda m=model: m(*inputs(m, 1)))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "model"
+            model.save_pretrained(folder)
+            ort32 = OnnxModel(export_onnx(folder, Path(tmp) / "fp32.onnx", check=False)[0], threads=peak["cores"])
+            ort8 = OnnxModel(export_onnx(folder, Path(tmp) / "int8.onnx", check=False, quantize="int8")[0],
+                             threads=peak["cores"])
+            row = {"model": name, "img_size": model.img_size, "gflops_per_pair": flops / 1e9}
+            for batch in batches:
+                x = inputs(model, batch)
+
+                def bf16(x=x, model=model):
+                    with autocast("bf16", torch.device("cpu")):
+                        return model(*x)
+
+                fns = {"torch_fp32": lambda x=x, m=model: m(*x), "torch_bf16": bf16,
+                       "torch_int8": lambda x=x, m=int8: m(*x), "ort_fp32": lambda x=x, m=ort32: m(*x),
+                       "ort_int8": lambda x=x, m=ort8: m(*x)}
+                with torch.no_grad():
+                    t = timeit(fns, repeats)
+                base = t["torch_fp32"]
+                row[f"b{batch}"] = {
+                    k: {**v.summary(), "speedup": {"values": (r := Ratio.of(base, v)).values, "median": r.median,
+                                                   "text": r.text()}} for k, v in t.items()}
+                row[f"b{batch}"]["fp32_share_of_peak"] = flops * batch / base.median / 1e9 / peak["peak_gflops"]
+            out["models"].append(row)
+    return out
+
+
 def gpu_section(quick: bool) -> dict | None:
     if not torch.cuda.is_available():
         return None
@@ -262,6 +319,8 @@ def run_all(quick: bool, data: str, threads: int | None = None) -> dict:
         ("data", lambda: [data_throughput(data, s, 64 if q else 512) for s in (128, 448)]),
         ("onnx", lambda: [onnx_comparison("vglaw_small", (1, 8), 5 if q else 10)]
          + ([] if q else [onnx_comparison("vglaw_vitb", (1, 4), 3)])),
+        ("cpu_precision", lambda: cpu_precision(("vglaw_small",) if q else ("vglaw_small", "vglaw_vitb"),
+                                                (1, 8), 3 if q else 4)),
         ("gpu", lambda: gpu_section(q)),
     ]
     for key, fn in tqdm(steps, desc="bench", unit="part"):

@@ -105,9 +105,10 @@ def test_choose_keeps_what_the_listener_grounds_back():
     from vglaw.inference.describing import choose
 
     ious, log_probs = [0.2, 0.91, 0.7], [-1.0, -3.0, -2.0]
-    assert choose(ious, log_probs, rerank=True) == 1
+    assert choose(ious, log_probs, rerank=True) == 2  # both 0.91 and 0.7 refer: the likelier of them
     assert choose(ious, log_probs, rerank=False) == 0
-    assert choose([0.904, 0.901, 0.1], [-3.0, -2.0, -1.0]) == 1  # equal to two decimals: the likelier
+    assert choose([0.3, 0.45, 0.1], [-1.0, -3.0, -0.5]) == 1  # none refers: the closest
+    assert choose([0.45, 0.45, 0.1], [-3.0, -2.0, -0.5]) == 1  # equally close: the likelier
 
 
 def test_check_boxes_names_the_bad_box():
@@ -124,8 +125,8 @@ def test_check_boxes_names_the_bad_box():
 
 
 def test_speaker_listener_on_a_real_grounding(describer64):
-    """Every candidate is grounded by the model; rerank keeps the best-grounded one (ties to two
-    decimals to the likelier), no rerank the likeliest; the reported IoU is the chosen one's."""
+    """Every candidate is grounded by the model; rerank keeps the likeliest that refers (else the
+    closest), no rerank the likeliest; the reported IoU is the chosen one's."""
     from vglaw.inference import Grounder
 
     model = describer64.float()
@@ -136,9 +137,11 @@ def test_speaker_listener_on_a_real_grounding(describer64):
         for rerank in (True, False):
             for d in g.describe(image, boxes, candidates=4, rerank=rerank):
                 assert len(d.candidates) >= 1 and d.reranked == rerank
-                if rerank:
-                    key = max((round(c.listener_iou, 2), c.log_prob) for c in d.candidates)
-                    assert (round(d.listener_iou, 2), d.log_prob) == key
+                refer = [c for c in d.candidates if c.listener_iou >= 0.5]
+                if rerank and refer:
+                    assert d.listener_iou >= 0.5 and d.log_prob == max(c.log_prob for c in refer)
+                elif rerank:
+                    assert d.listener_iou == max(c.listener_iou for c in d.candidates)
                 else:
                     assert d.log_prob == max(c.log_prob for c in d.candidates)
                 chosen = next(c for c in d.candidates if c.text == d.text and c.log_prob == d.log_prob)

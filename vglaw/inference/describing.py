@@ -1,6 +1,7 @@
 """Describing regions with a speaker that checks itself: the describing head proposes K
-expressions for a box, the same model grounds each one back (the listener), and the one whose
-grounded box best matches the query box is kept; its IoU is the expression's confidence.
+expressions for a box, the same model grounds each one back (the listener), and the likeliest
+of those that come back to the box (IoU >= 0.5) is kept (with none, the one that comes
+closest); its IoU is the expression's confidence.
 
 Used by `Grounder.describe`; nothing here reads argv or draws.
 """
@@ -17,7 +18,6 @@ from vglaw.errors import UsageError
 from vglaw.models.decoding import Candidate, beam_search, sample
 
 STRATEGIES = ("beam", "sample")
-TIE_DECIMALS = 2  # listener IoUs equal to this many decimals tie; the likelier expression wins
 REFERS_IOU = 0.5  # an expression refers to its region when the listener's box reaches this IoU
 
 
@@ -75,9 +75,17 @@ def listener_ious(query: Tensor, grounded: list[list[float] | None]) -> list[flo
 
 
 def choose(ious: Sequence[float], log_probs: Sequence[float], rerank: bool = True) -> int:
-    """Which candidate to keep: with `rerank`, the one the listener grounds closest to the
-    query box (IoUs equal to `TIE_DECIMALS` decimals tie, the likelier wins); else the likeliest."""
+    """Which candidate to keep: with `rerank`, the likeliest of those the listener grounds back
+    to the query box (IoU >= `REFERS_IOU`), or, when none does, the one it grounds closest (the
+    likelier on equal IoU); else the likeliest.
+
+    Every candidate that refers matches the box, so the speaker's likelihood ranks them: ranking
+    by the IoU itself prefers an ambiguous expression ("the circle" beside another circle) that
+    happens to land on the target a little tighter (docs/shapes_experiments.md: on 300 shapes test
+    regions, unique-reference accuracy 0.680 by IoU, 0.907 this way, at the same listener accuracy).
+    """
     order = range(len(log_probs))
     if not rerank:
         return max(order, key=lambda i: log_probs[i])
-    return max(order, key=lambda i: (round(ious[i], TIE_DECIMALS), log_probs[i]))
+    return max(order, key=lambda i: (ious[i] >= REFERS_IOU, ious[i] if ious[i] < REFERS_IOU else 0.0,
+                                     log_probs[i]))

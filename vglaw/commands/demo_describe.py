@@ -25,13 +25,28 @@ def run(args: list[str]) -> None:
                          "see above")
 
 
-def grounding_unchanged(describing, demo) -> list[str]:
-    """The grounding tensors that differ between the describing model and the demo model it
-    started from (empty: grounding is the demo model's, to the bit)."""
+def grounding_check(describing, demo, data: str) -> dict:
+    """How the describing model's grounding compares with the demo model it started from:
+    "changed", the tensors both hold that differ; "not_carried", the demo model's tensors it
+    lacks (the auxiliary category classifier, a training loss's layer, when the describing run
+    does not train it); "outputs_equal", whether boxes and mask logits on 8 test images with
+    their expressions are equal to the bit."""
     import torch
 
+    from vglaw.data.datamodule import Collate
+    from vglaw.data.refer import ReferDataset
+    from vglaw.data.transforms import GroundingTransform
+
     mine, theirs = describing.state_dict(), demo.state_dict()
-    return [k for k, v in theirs.items() if k not in mine or not torch.equal(mine[k], v)]
+    changed = [k for k, v in theirs.items() if k in mine and not torch.equal(mine[k], v)]
+    not_carried = [k for k in theirs if k not in mine]
+    dataset = ReferDataset(data, "shapes", "test", transform=GroundingTransform(demo.img_size))
+    batch = Collate(demo.tokenizer_source)([dataset[i] for i in range(8)])
+    with torch.no_grad():
+        a = describing(batch["images"], batch["input_ids"], batch["attention_mask"])
+        b = demo(batch["images"], batch["input_ids"], batch["attention_mask"])
+    equal = all(torch.equal(a[k], b[k]) for k in ("boxes", "mask_logits"))
+    return {"changed": changed, "not_carried": not_carried, "outputs_equal": equal}
 
 
 def example_figure(grounder, examples, path: Path) -> None:
@@ -92,13 +107,15 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = out / "logs" / "describe" / "model"
     grounder = Grounder(folder)
-    changed = grounding_unchanged(grounder.model, VGLAW.from_pretrained(model))
-    print(f"[2/3] grounding tensors changed by training the describing head: {len(changed)}"
-          + (f" ({', '.join(changed[:4])})" if changed else " (grounding is the demo model's, to the bit)"))
+    check = grounding_check(grounder.model, VGLAW.from_pretrained(model), args.data)
+    print(f"[2/3] grounding tensors changed by training the describing head: {len(check['changed'])}; "
+          f"boxes and mask logits equal to the demo model's to the bit: {check['outputs_equal']}"
+          + (f" (not carried: {', '.join(check['not_carried'])}, the auxiliary category classifier)"
+             if check["not_carried"] else ""))
     print(f"[3/3] describing every test region ({CANDIDATES} candidates each, each grounded back)")
     result = evaluate_describing(grounder, ReferDataset(args.data, "shapes", "test"), CANDIDATES, keep=40)
     example_figure(grounder, result["examples"], out / "describe_examples.png")
-    report = {"regions": result["regions"], "candidates": CANDIDATES, "grounding_tensors_changed": len(changed),
+    report = {"regions": result["regions"], "candidates": CANDIDATES, "grounding": check,
               "train_minutes": round((trained - start) / 60, 2), "model": str(folder),
               **{k: result[k] for k in ("reranked", "likeliest")}}
     (out / "report.json").write_text(json.dumps(report, indent=2))

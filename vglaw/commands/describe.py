@@ -46,6 +46,7 @@ def overlay_path(args) -> Path:
 
 def describe_one(args, grounder, boxes: list[list[float]], out: Path) -> int:
     from vglaw.inference import prepare_image
+    from vglaw.inference.describing import REFERS_IOU
     from vglaw.viz.overlay import draw_descriptions
 
     array, size = prepare_image(args.image)
@@ -62,7 +63,7 @@ def describe_one(args, grounder, boxes: list[list[float]], out: Path) -> int:
         print(json.dumps(report, indent=2))
     else:
         for r in results:
-            refers = "refers to it" if r.listener_iou >= 0.5 else "does not single it out"
+            refers = "refers to it" if r.listener_iou >= REFERS_IOU else "does not single it out"
             print(f"{[round(v, 1) for v in r.box]}: {r.text!r}  listener IoU {r.listener_iou:.2f} ({refers})")
         print(f"overlay written to {out}")
     return 0

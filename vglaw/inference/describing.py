@@ -16,9 +16,9 @@ from torchvision.ops import box_iou
 
 from vglaw.errors import UsageError
 from vglaw.models.decoding import Candidate, beam_search, sample
+from vglaw.training.describe_metrics import REFERS_IOU
 
 STRATEGIES = ("beam", "sample")
-REFERS_IOU = 0.5  # an expression refers to its region when the listener's box reaches this IoU
 
 
 def check_boxes(boxes: Sequence[Sequence[float]], size: tuple[int, int]) -> list[list[float]]:

@@ -20,6 +20,7 @@ from vglaw.errors import UsageError
 TEXT_BYTES = 512  # UTF-8 bytes kept per expression in the metric's state
 MAX_REFERENCES = 16  # references kept per region
 UNKNOWN = -1  # a check not made (no resolver for the dataset)
+REFERS_IOU = 0.5  # an expression refers to its region when the listener's box reaches this IoU
 
 
 def _encode(texts: list[str]) -> Tensor:
@@ -121,7 +122,7 @@ class ExpressionMetrics(Metric):
         rows = torch.tensor(sorted(first.values()), device=s["index"].device)
         out = {"n": torch.tensor(float(len(rows)))}
         iou = s["listener_iou"][rows]
-        out["listener_acc"] = (iou >= 0.5).double().mean()
+        out["listener_acc"] = (iou >= REFERS_IOU).double().mean()
         out["listener_miou"] = iou.mean()
         for key, name in (("unique", "unique_acc"), ("grammatical", "grammatical")):
             checked = s[key][rows]

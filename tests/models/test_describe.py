@@ -28,7 +28,7 @@ def _memory(model, n: int, seed: int = 1):
     corner = torch.rand(n, 2, generator=g, dtype=torch.float64).to(dtype) * 0.5
     boxes = torch.cat([corner, corner + 0.3], dim=1)
     with torch.no_grad():
-        return model.describe_memory(images, boxes)[0]
+        return model.describe_memory(images, boxes)
 
 
 def test_beam_search_is_batch_independent_and_sorted(describer64):

@@ -50,10 +50,10 @@ def regions(dataset) -> list[Region]:
     return out
 
 
-def scene_objects(dataset, image_id: int) -> tuple[list[dict], list[int]] | None:
-    """The image's objects as `vglaw.data.expressions.resolve` reads them, and their annotation
+def scene_objects(anns: list[dict]) -> tuple[list[dict], list[int]] | None:
+    """One image's annotations as the objects `vglaw.data.expressions.resolve` reads, and their
     ids; None when the annotations lack the shapes generator's attributes."""
-    anns = sorted((a for a in dataset.anns.values() if a["image_id"] == image_id), key=lambda a: a["id"])
+    anns = sorted(anns, key=lambda a: a["id"])
     if not anns or not all(all(f in a for f in SHAPES_FIELDS) for a in anns):
         return None
     objects = [{"kind": a["shape"], "color": a["color"], "size": a["size"], "cx": a["center"][0],
@@ -84,13 +84,16 @@ def evaluate_describing(grounder: Grounder, dataset, candidates: int = 5, limit:
     by_image: dict[int, list[Region]] = defaultdict(list)
     for r in todo:
         by_image[r.image_id].append(r)
+    anns: dict[int, list[dict]] = defaultdict(list)  # by image, read once
+    for a in dataset.anns.values():
+        anns[a["image_id"]].append(a)
     metrics = {"reranked": ExpressionMetrics(captions), "likeliest": ExpressionMetrics(captions)}
     examples: list[tuple[Region, Description]] = []
     bar = tqdm(total=len(todo), desc="describe", unit="region", disable=not progress)
     for image_id, group in by_image.items():
         array, size = prepare_image(group[0].image_path)
         described = grounder.describe_decoded(array, size, [r.box for r in group], candidates, rerank=True)
-        scene = scene_objects(dataset, image_id)
+        scene = scene_objects(anns[image_id])
         for region, d in zip(group, described):
             likeliest = max(d.candidates, key=lambda c: c.log_prob)
             for key, (text, iou) in {"reranked": (d.text, d.listener_iou),

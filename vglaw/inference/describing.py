@@ -61,7 +61,7 @@ def propose(model, images: Tensor, boxes: Tensor, bos: int, eos: int, candidates
         raise UsageError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if candidates < 1:
         raise UsageError(f"candidates must be >= 1, got {candidates}")
-    memory, _ = model.describe_memory(images, boxes)
+    memory = model.describe_memory(images, boxes)
     max_len = model.config.max_words
     if strategy == "beam":
         return beam_search(model.describer, memory, bos, eos, candidates, max_len)

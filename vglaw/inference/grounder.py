@@ -105,7 +105,6 @@ class Preprocessor:
         return sample
 
 
-
 class Grounder(Preprocessor):
     """Ground referring expressions in images with a trained model.
 
@@ -246,8 +245,8 @@ class Grounder(Preprocessor):
             image: a path, a PIL image or an (H, W, 3) uint8 array.
             boxes: the regions to describe.
             candidates: K expressions proposed per box (beams, or samples).
-            rerank: keep the candidate the model grounds back closest to the box (speaker-listener);
-                else the likeliest.
+            rerank: keep the likeliest candidate the model grounds back to the box, or the closest
+                when none does (speaker-listener, `vglaw.inference.describing.choose`); else the likeliest.
             strategy: "beam" (beam search) or "sample" (seeded sampling at `temperature`).
             seed: the sampling seed (each box draws from its own generator seeded with it).
 

@@ -149,17 +149,15 @@ class DescribeMixin:
         h1, alpha = self.aggregator(tokens, mask, return_attention=True)
         return LanguageWeights(self.weight_generator(h1), tokens.mean(1), alpha, tokens)
 
-    def describe_memory(self, images: Tensor, boxes: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """What the decoder reads for each (image, box), and the box head's reading of the same
-        features ("boxes": where the location-adapted backbone points; empty without a box head).
-
-        Returns:
-            memory (B, h*w + n, dim) and a dict with "boxes" (B, 4) normalised cxcywh.
-        """
+    def located_features(self, images: Tensor, boxes: Tensor) -> tuple[Tensor, LanguageWeights]:
+        """The backbone features (B, h, w, C) steered by each box, and the box's location weights."""
         loc = self.location_weights(boxes)
-        features = self.forward_features(images, loc.qkv if self.config.describe_adaptive else None)
-        located = self.box_head(features, loc.sentence) if self.box_head is not None else {}
-        return self.describer.memory(features, boxes, loc.tokens), {k: v for k, v in located.items() if k == "boxes"}
+        return self.forward_features(images, loc.qkv if self.config.describe_adaptive else None), loc
+
+    def describe_memory(self, images: Tensor, boxes: Tensor) -> Tensor:
+        """What the decoder reads for each (image, box): (B, h*w + n, dim)."""
+        features, loc = self.located_features(images, boxes)
+        return self.describer.memory(features, boxes, loc.tokens)
 
     def forward_describe(self, images: Tensor, boxes: Tensor, input_ids: Tensor) -> dict[str, Tensor]:
         """Teacher-forced next-token logits for expressions of the boxes.
@@ -170,11 +168,16 @@ class DescribeMixin:
             input_ids: (B, T) the expressions, `[CLS]` first.
 
         Returns:
-            "word_logits" (B, T, vocab): the logits of token t+1 at position t; "located_boxes"
-            (B, 4) the box head's reading of the location-adapted features (with a box head).
+            "word_logits" (B, T, vocab): the logits of token t+1 at position t; with a box head,
+            "located_boxes" (B, 4) normalised cxcywh: its reading of the location-adapted
+            features with the location tokens' mean as the sentence (where the box points the
+            backbone; a training signal, not needed to describe).
         """
-        memory, located = self.describe_memory(images, boxes)
-        return {"word_logits": self.describer(memory, input_ids), **{f"located_{k}": v for k, v in located.items()}}
+        features, loc = self.located_features(images, boxes)
+        out = {"word_logits": self.describer(self.describer.memory(features, boxes, loc.tokens), input_ids)}
+        if self.box_head is not None:
+            out["located_boxes"] = self.box_head(features, loc.sentence)["boxes"]
+        return out
 
 
 class DescribingVGLAW(DescribeMixin, VGLAW):
